@@ -1,0 +1,57 @@
+"""Failure capture: encode a case with one BOS policy and find where the model goes wrong.
+
+Contexts are built by concatenating token ids (never by re-tokenising strings), and no special tokens
+are added anywhere: completion, repair and evaluation all see the same inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .case import EncodedCase, FailurePoint, RepairCase, RepairInputError
+from .model import LoadedModel
+
+
+def encode(lm: LoadedModel, text: str) -> list[int]:
+    return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def target_text(fix: str) -> str:
+    return fix if fix.endswith("\n") else fix + "\n"
+
+
+def encode_case(lm: LoadedModel, case: RepairCase) -> EncodedCase:
+    if not case.fix.strip():
+        raise RepairInputError("the fix is empty")
+    if not case.prompt:
+        raise RepairInputError("the prompt is empty: there is nothing before the cursor to repair from")
+    text = target_text(case.fix)
+    prompt_ids, target_ids = encode(lm, case.prompt), encode(lm, text)
+    total = len(prompt_ids) + len(target_ids)
+    if total > lm.context_window:
+        raise RepairInputError(
+            f"prompt and fix take {total} tokens, over the model's context window of {lm.context_window}"
+        )
+    return EncodedCase(case, tuple(prompt_ids), tuple(target_ids), text)
+
+
+@torch.no_grad()
+def teacher_forced_argmax(lm: LoadedModel, enc: EncodedCase) -> list[int]:
+    """The model's argmax at every target position, given the reference prefix (teacher forcing)."""
+    ids = torch.tensor([enc.ids])
+    logits = lm.model(input_ids=ids).logits[0]
+    start = len(enc.prompt_ids) - 1
+    return logits[start : start + len(enc.target_ids)].argmax(-1).tolist()
+
+
+def token_exact_match(predicted: list[int], target: tuple[int, ...]) -> float:
+    return sum(p == t for p, t in zip(predicted, target)) / len(target)
+
+
+def failures(lm: LoadedModel, enc: EncodedCase, case_index: int = 0) -> list[FailurePoint]:
+    predicted = teacher_forced_argmax(lm, enc)
+    return [
+        FailurePoint(case_index, i, enc.context(i), t, p)
+        for i, (p, t) in enumerate(zip(predicted, enc.target_ids))
+        if p != t
+    ]

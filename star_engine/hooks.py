@@ -1,0 +1,51 @@
+"""Forward hooks that read the neuron activations (the input of each FFN output projection) and that
+bypass a layer's MLP for FFN-skip attribution."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .arch import Arch
+
+
+@contextmanager
+def record_activations(arch: Arch, layers: Iterable[int], grads: bool = False) -> Iterator[dict[int, torch.Tensor]]:
+    """Yields {layer: activations (batch, positions, d_ff)}, filled by the next forward pass.
+
+    With grads=True the activations keep their gradients (for grad x activation scores): the input
+    embeddings are made to require grad so that every activation is part of the graph.
+    """
+    acts: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def reader(layer):
+        def hook(module, inputs):
+            a = inputs[0]
+            if grads:
+                a.retain_grad()
+            acts[layer] = a
+        return hook
+
+    for layer in layers:
+        handles.append(arch.out_proj(layer).register_forward_pre_hook(reader(layer)))
+    if grads:
+        embed = arch.model.get_input_embeddings()
+        handles.append(embed.register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True)))
+    try:
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def skip_mlp(arch: Arch, layer: int):
+    """Bypass one MLP: its output is replaced by its own (normalised) input, as in the reference method."""
+    handle = arch.mlp(layer).register_forward_hook(lambda module, inputs, output: inputs[0])
+    try:
+        yield
+    finally:
+        handle.remove()

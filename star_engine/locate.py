@@ -1,0 +1,55 @@
+"""Locating: which layers (FFN-skip loss ranking) and which neurons (grad x activation) to patch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .hooks import record_activations, skip_mlp
+from .model import LoadedModel
+
+
+@torch.no_grad()
+def ffn_skip_losses(lm: LoadedModel, context_ids: Sequence[int], target: int) -> torch.Tensor:
+    """L_l = CE(target) with layer l's MLP bypassed, for every layer: high loss = the layer matters."""
+    ids = torch.tensor([list(context_ids)])
+    losses = []
+    for layer in range(lm.arch.n_layers):
+        with skip_mlp(lm.arch, layer):
+            logits = lm.model(input_ids=ids).logits[0, -1]
+        losses.append(F.cross_entropy(logits, torch.tensor(target)))
+    return torch.stack(losses)
+
+
+def top_layers(losses: torch.Tensor, ratio: float) -> list[int]:
+    """The ceil(ratio * L) layers whose bypass hurts the target most, in layer order."""
+    k = max(1, min(len(losses), math.ceil(ratio * len(losses))))
+    return sorted(losses.topk(k).indices.tolist())
+
+
+def neuron_scores(lm: LoadedModel, context_ids: Sequence[int], target: int, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """score[l][j] = || a_lj(p) * d p(target) / d a_lj(p) ||_2 over positions p."""
+    ids = torch.tensor([list(context_ids)])
+    with torch.enable_grad(), record_activations(lm.arch, layers, grads=True) as acts:
+        prob = lm.model(input_ids=ids).logits[0, -1].softmax(-1)[target]
+        prob.backward()
+    return {l: (acts[l][0] * acts[l].grad[0]).norm(dim=0).detach() for l in layers}
+
+
+def neuron_masks(scores: dict[int, torch.Tensor], pattern: str, ratio: float, best_layer: int | None = None) -> dict[int, torch.Tensor]:
+    """Boolean masks over each layer's neurons.
+
+    global: pool all layers' scores and keep those >= the (1 - ratio/L) quantile (about ratio * d_ff in all);
+    layer:  keep only `best_layer`, its neurons >= the (1 - ratio) quantile.
+    """
+    if pattern == "global":
+        pooled = torch.cat(list(scores.values()))
+        threshold = torch.quantile(pooled, 1 - ratio / len(scores))
+        return {l: s >= threshold for l, s in scores.items()}
+    if pattern == "layer":
+        s = scores[best_layer]
+        return {best_layer: s >= torch.quantile(s, 1 - ratio)}
+    raise ValueError(f"unknown sparsity pattern {pattern!r}")

@@ -1,0 +1,62 @@
+"""The one interface every repair method implements, and typed configs built from user overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from ..session import RepairSession
+
+
+class RepairMethod(ABC):
+    """Edits the session's model in place until its cases are fixed or the method's budget is spent.
+
+    The driver (star_engine.repair) owns everything around it, the same for every method: input
+    checks, the snapshot, stop-when-fixed verification, restoring the weights on failure, the report.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+
+    @abstractmethod
+    def repair(self, session: RepairSession) -> None: ...
+
+
+def field_help(config_cls: type) -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(config_cls)}
+
+
+def build_config(config_cls: type, overrides: dict | None):
+    """A config from {field: value}, strings coerced to the field's type; unknown keys are an error."""
+    overrides = dict(overrides or {})
+    hints = typing.get_type_hints(config_cls)
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown setting(s) {sorted(unknown)} for {config_cls.__name__}; known: {sorted(known)}")
+    values = {k: _coerce(hints[k], v, k) for k, v in overrides.items()}
+    return config_cls(**values)
+
+
+def _coerce(hint, value, name):
+    if not isinstance(value, str):
+        return value
+    if hint is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be true or false, not {value!r}")
+    if hint in (int, float):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, not {value!r}") from None
+    if typing.get_origin(hint) is typing.Literal and value not in typing.get_args(hint):
+        raise ValueError(f"{name} must be one of {typing.get_args(hint)}, not {value!r}")
+    return value

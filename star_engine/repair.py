@@ -1,0 +1,182 @@
+"""The repair driver, the same for every method: check the input, snapshot the weights, run the method,
+verify that greedy decoding now writes every fix, and keep the patch or restore the weights exactly."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from .capture import encode_case, teacher_forced_argmax, token_exact_match
+from .case import EncodedCase, RepairCase, RepairInputError
+from .generate import writes
+from .methods import get_method
+from .model import LoadedModel
+from .patch import Patch, SavedColumns, WeightSnapshot
+from .session import Progress, RepairCancelled, RepairSession
+
+# Greedy decoding may spell the fix with a different (longer) tokenisation than the target's.
+_DECODE_SLACK = 4
+
+
+@dataclass
+class TokenReport:
+    position: int
+    target: str
+    before: str
+    after: str
+
+
+@dataclass
+class CaseReport:
+    prompt: str
+    fix: str
+    before: str          # what greedy decoding wrote before the repair
+    after: str           # ... and after it
+    fixed: bool
+    em_before: float     # token ExactMatch, teacher-forced
+    em_after: float
+    tokens: list[TokenReport] = field(default_factory=list)
+
+
+@dataclass
+class RepairResult:
+    fixed: bool
+    reason: str
+    method: str
+    config: dict
+    seconds: float
+    cases: list[CaseReport]
+    patch: Patch | None = None            # the column deltas, when fixed
+    saved: SavedColumns | None = None     # the columns as they were: undo(lm, result) restores them
+
+    @property
+    def layers(self) -> list[int]:
+        return self.patch.layer_ids if self.patch else []
+
+    @property
+    def neurons(self) -> int:
+        return self.patch.n_neurons if self.patch else 0
+
+    @property
+    def before(self) -> str:
+        return self.cases[0].before
+
+    @property
+    def after(self) -> str:
+        return self.cases[0].after
+
+    def to_json(self) -> dict:
+        return {
+            "fixed": self.fixed,
+            "reason": self.reason,
+            "method": self.method,
+            "config": self.config,
+            "seconds": round(self.seconds, 3),
+            "layers": self.layers,
+            "neurons": self.neurons,
+            "before": self.before,
+            "after": self.after,
+            "cases": [asdict(c) for c in self.cases],
+        }
+
+
+def _greedy(lm: LoadedModel, enc: EncodedCase) -> tuple[bool, str]:
+    return writes(lm, enc.prompt_ids, enc.target_text, len(enc.target_ids) + _DECODE_SLACK)
+
+
+def _shown(text: str, enc: EncodedCase) -> str:
+    """The completion as an editor would show it: up to the end of the fix's last line."""
+    n_lines = enc.target_text.count("\n")
+    return "\n".join(text.split("\n")[:n_lines])
+
+
+def encode_cases(lm: LoadedModel, cases: list[RepairCase]) -> list[EncodedCase]:
+    if not cases:
+        raise RepairInputError("no repair case given")
+    encoded = [encode_case(lm, c) for c in cases]
+    for i, enc in enumerate(encoded):
+        if _greedy(lm, enc)[0]:
+            where = f"case {i + 1}: " if len(cases) > 1 else ""
+            raise RepairInputError(f"{where}the model already writes this fix: nothing to repair")
+    return encoded
+
+
+def repair(
+    lm: LoadedModel,
+    cases: list[RepairCase],
+    method: str = "star",
+    overrides: dict | None = None,
+    *,
+    cancel: threading.Event | None = None,
+    progress: Progress | None = None,
+) -> RepairResult:
+    """Repair the model in place so that it writes every case's fix. On failure the weights are restored
+    bit for bit and the result says why; on success result.patch holds the exact column deltas."""
+    repairer = get_method(method, overrides)
+    started = time.perf_counter()
+    encoded = encode_cases(lm, cases)
+    before = [(_greedy(lm, e)[1], teacher_forced_argmax(lm, e)) for e in encoded]
+    snapshot = WeightSnapshot(lm.arch)
+    session = RepairSession(lm, encoded, cancel=cancel, progress=progress)
+    try:
+        repairer.repair(session)
+    except BaseException:
+        snapshot.restore()
+        raise
+    after = [(_greedy(lm, e), teacher_forced_argmax(lm, e)) for e in encoded]
+    reports = [_case_report(lm, e, b, a) for e, b, a in zip(encoded, before, after)]
+    fixed = all(r.fixed for r in reports)
+    patch = snapshot.diff() if fixed else None
+    saved = snapshot.saved_columns(patch) if fixed else None
+    if not fixed:
+        snapshot.restore()
+    return RepairResult(
+        fixed=fixed,
+        reason=_reason(reports, session.failures_seen),
+        method=repairer.name,
+        config=asdict(repairer.config),
+        seconds=time.perf_counter() - started,
+        cases=reports,
+        patch=patch,
+        saved=saved,
+    )
+
+
+def _case_report(lm: LoadedModel, enc: EncodedCase, before, after) -> CaseReport:
+    (text_before, argmax_before), ((ok, text_after), argmax_after) = before, after
+    decode = lambda t: lm.tokenizer.decode([t])
+    tokens = [
+        TokenReport(i, decode(t), decode(b), decode(a))
+        for i, (t, b, a) in enumerate(zip(enc.target_ids, argmax_before, argmax_after))
+    ]
+    return CaseReport(
+        prompt=enc.case.prompt,
+        fix=enc.case.fix,
+        before=_shown(text_before, enc),
+        after=_shown(text_after, enc),
+        fixed=ok,
+        em_before=token_exact_match(argmax_before, enc.target_ids),
+        em_after=token_exact_match(argmax_after, enc.target_ids),
+        tokens=tokens,
+    )
+
+
+def _reason(reports: list[CaseReport], failures_seen: int) -> str:
+    broken = [i for i, r in enumerate(reports) if not r.fixed]
+    if not broken:
+        return f"fixed {failures_seen} failing token(s)"
+    r = reports[broken[0]]
+    where = f"case {broken[0] + 1}: " if len(reports) > 1 else ""
+    return f"{where}after the repair the model still writes {r.after!r} instead of {r.fix!r}; weights restored"
+
+
+def undo(lm: LoadedModel, result: RepairResult) -> None:
+    """Exactly undo a kept repair (restores the original columns)."""
+    from .patch import restore_columns
+
+    if result.saved is not None:
+        restore_columns(lm.arch, result.saved)
+
+
+__all__ = ["RepairCancelled", "RepairInputError", "RepairResult", "repair", "undo"]
