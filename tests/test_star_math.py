@@ -1,0 +1,80 @@
+"""The spec's identities (star_method.md §8) checked on tiny random models."""
+
+import torch
+
+from star_engine.locate import neuron_masks
+from star_engine.methods.star.solver import min_norm_prior, seme_step
+from star_engine.semantic import SemanticBasis, iqr_scaled, semantic_steer
+
+
+def test_basis_row_is_the_least_squares_solution(tiny_lm):
+    basis = SemanticBasis(tiny_lm)
+    U = basis.U.double()
+    for token in (0, 17, 4242):
+        e = torch.zeros(U.shape[0], dtype=torch.float64)
+        e[token] = 1
+        expected = torch.linalg.lstsq(U, e[:, None], driver="gelsd").solution[:, 0]
+        torch.testing.assert_close(basis.basis(token).double(), expected, rtol=1e-3, atol=1e-6)
+
+
+def test_basis_folds_the_final_norm_gain(tiny_llama):
+    norm = tiny_llama.arch.final_norm()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+    basis = SemanticBasis(tiny_llama)
+    torch.testing.assert_close(basis.U, tiny_llama.arch.unembedding() * norm.weight)
+
+
+def test_steer_is_zero_for_a_right_prediction_and_iqr_scaled_otherwise(tiny_llama):
+    assert torch.count_nonzero(semantic_steer(tiny_llama, 5, 5)) == 0
+    s = semantic_steer(tiny_llama, 5, 9)
+    q25, q75 = torch.quantile(s, torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(q75 - q25, torch.tensor(1.0), rtol=1e-4, atol=1e-4)
+    raw = SemanticBasis(tiny_llama).delta(5, 9)
+    torch.testing.assert_close(iqr_scaled(raw), s)
+
+
+def test_one_position_prior_moves_the_ffn_output_by_exactly_the_steer():
+    torch.manual_seed(0)
+    z, s = torch.randn(1, 128, dtype=torch.float64), torch.randn(1, 64, dtype=torch.float64)
+    P = min_norm_prior(z, s)                       # (d, d_ff)
+    torch.testing.assert_close(z @ P.T, s)         # z . dW = s
+    assert torch.linalg.matrix_rank(P) == 1
+    torch.testing.assert_close(P, s.T @ z / (z @ z.T))   # the rank-1 closed form
+
+
+def test_batch_prior_solves_every_row_with_minimum_norm():
+    torch.manual_seed(1)
+    Z, S = torch.randn(5, 128, dtype=torch.float64), torch.randn(5, 64, dtype=torch.float64)
+    S[2] = 0                                       # a right prediction: its output must not move
+    P = min_norm_prior(Z, S)
+    torch.testing.assert_close(Z @ P.T, S)
+    torch.testing.assert_close((Z @ P.T)[2], torch.zeros(64, dtype=torch.float64))
+    expected = torch.linalg.lstsq(Z, S, driver="gelsd").solution.T   # minimum-norm solution
+    torch.testing.assert_close(P, expected)
+
+
+def test_masked_prior_is_zero_outside_the_mask_and_still_solves():
+    torch.manual_seed(2)
+    z, s = torch.randn(1, 128, dtype=torch.float64), torch.randn(1, 64, dtype=torch.float64)
+    mask = torch.zeros(128, dtype=torch.bool)
+    mask[::8] = True
+    P = min_norm_prior(z, s, mask)
+    assert torch.count_nonzero(P[:, ~mask]) == 0
+    torch.testing.assert_close(z @ P.T, s)
+
+
+def test_optimizer_step_is_prior_magnitude_with_descent_sign():
+    torch.manual_seed(3)
+    W, P, G = torch.randn(8, 16), torch.randn(8, 16), torch.randn(8, 16)
+    expected = W + 0.01 * P.abs() * -torch.sign(G)
+    seme_step(W, P, G, 0.01)
+    torch.testing.assert_close(W, expected, rtol=0, atol=0)
+
+
+def test_neuron_masks_keep_the_top_scores():
+    scores = {0: torch.arange(16.0), 1: torch.arange(16.0) + 100}
+    layer = neuron_masks(scores, "layer", 0.25, best_layer=1)
+    assert list(layer) == [1] and layer[1].sum() == 4 and layer[1][-4:].all()
+    pooled = neuron_masks(scores, "global", 0.25)
+    assert pooled[0].sum() == 0 and pooled[1].sum() >= 4
