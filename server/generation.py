@@ -1,0 +1,150 @@
+"""Greedy completion for the editor, with a reused KV cache and cooperative cancellation.
+
+Same decoding as `star_engine.generate.complete` (greedy, no special tokens added, the engine's
+`cut_completion` stop rules), plus what an editor needs for latency:
+
+* The KV cache of the previous prompt in the same document is kept; the next prompt usually shares
+  all but its last few tokens with it (the user typed a character), so only those are computed.
+* Cancellation is checked between prefill chunks and between tokens (`GenerationCancelled`).
+* Only the last position's logits are computed (`logits_to_keep=1`) where the model supports it.
+
+One `Generator` per serving model; it is used from one worker thread at a time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from star_engine.capture import encode
+from star_engine.generate import GenerationCancelled, cut_completion
+from star_engine.model import LoadedModel
+
+PREFILL_CHUNK = 128
+KV_DOCUMENTS = 4     # documents whose KV cache is kept
+
+
+@dataclass
+class Generated:
+    text: str                # cut at the editor's natural end
+    ended: bool              # a natural end (stop rule or end-of-sequence), not the token limit
+    prompt_tokens: int
+    reused_tokens: int       # prompt tokens served from the KV cache
+    new_tokens: int
+    seconds: float
+
+
+class _KV:
+    def __init__(self):
+        self.cache = DynamicCache()
+        self.fed: list[int] = []     # the tokens whose keys/values are in `cache`
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Generator:
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        tok = lm.tokenizer
+        stop = set(tok.all_special_ids)
+        eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+        stop.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        self.stop_ids = stop
+        params = inspect.signature(lm.model.forward).parameters
+        self._logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._kv: OrderedDict[str, _KV] = OrderedDict()
+        self._lock = threading.Lock()   # defensive: the server calls from one worker thread
+
+    def reset(self) -> None:
+        """Forget every KV cache (the weights changed)."""
+        self._kv.clear()
+
+    def _state(self, key: str) -> _KV:
+        kv = self._kv.pop(key, None) or _KV()
+        self._kv[key] = kv
+        while len(self._kv) > KV_DOCUMENTS:
+            self._kv.popitem(last=False)
+        return kv
+
+    def _forward(self, kv: _KV, ids: list[int]):
+        out = self.lm.model(
+            input_ids=torch.tensor([ids]), past_key_values=kv.cache, use_cache=True, **self._logits_kw
+        )
+        kv.cache = out.past_key_values
+        kv.fed.extend(ids)
+        return out.logits[0, -1]
+
+    @torch.inference_mode()
+    def run(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int,
+        multiline: bool = False,
+        base_indent: int = 0,
+        cancel: threading.Event | None = None,
+        key: str = "",
+    ) -> Generated:
+        started = time.perf_counter()
+        with self._lock:
+            ids = encode(self.lm, prompt)
+            if not ids:
+                return Generated("", True, 0, 0, 0, 0.0)
+            kv = self._state(key)
+            keep = min(_common_prefix(kv.fed, ids), len(ids) - 1)
+            if keep == 0:
+                kv.cache, kv.fed = DynamicCache(), []
+            elif keep < len(kv.fed):
+                kv.cache.crop(keep - len(kv.fed))
+                del kv.fed[keep:]
+            reused = keep
+            try:
+                return self._decode(kv, ids, reused, max_new_tokens, multiline, base_indent, cancel, started)
+            except BaseException:
+                self._kv.pop(key, None)   # the cache may be half-extended: drop it
+                raise
+
+    def _decode(self, kv, ids, reused, max_new_tokens, multiline, base_indent, cancel, started) -> Generated:
+        def check():
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled()
+
+        pending = ids[reused:]
+        for i in range(0, len(pending), PREFILL_CHUNK):
+            check()
+            logits = self._forward(kv, pending[i : i + PREFILL_CHUNK])
+        new: list[int] = []
+        ended = False
+        text = ""
+        while True:
+            token = int(logits.argmax())
+            if token in self.stop_ids:
+                ended = True
+                break
+            new.append(token)
+            text = self.lm.tokenizer.decode(new, skip_special_tokens=True)
+            if cut_completion(text, multiline, base_indent)[1]:
+                ended = True
+                break
+            if len(new) >= max_new_tokens:
+                break
+            check()
+            logits = self._forward(kv, [token])
+        # the last line was never checked by the stop rule: check it as a complete line
+        text = cut_completion(text + "\n", multiline, base_indent)[0]
+        text = text[:-1] if text.endswith("\n") else text
+        if not ended and multiline and "\n" in text:
+            text = text.rsplit("\n", 1)[0]   # the token limit cut the last line: don't show half a line
+        return Generated(text, ended, len(ids), reused, len(new), time.perf_counter() - started)

@@ -1,0 +1,242 @@
+"""From a document and a cursor to the model's prompt, and from the model's text to what the editor shows.
+
+Two steps, so that the event loop never touches the tokenizer:
+
+* `Context.at(source, offset, budget)` (cheap string slicing, on the event loop) keeps a bounded tail of
+  the text before the cursor and a bounded head of the text after it. The context alone determines the
+  prompt, so it is also the completion cache's key (and typing into a shown completion is
+  `context.extended(typed)`).
+* `build_prompt(context, tokenizer, ...)` (in the model worker) cuts the prefix to the token budget at a
+  line start, decides single- vs multi-line, applies "whitespace healing" and, for models that have
+  fill-in-the-middle tokens, adds the suffix.
+
+Whitespace healing: a prompt ending in spaces is out of distribution for BPE tokenizers (the model
+would write `x =  1` or ` read()` after `f.`), so trailing spaces/tabs of the cursor line are left out
+of the prompt and removed again from the start of the completion. A repair uses the same prompt, with
+the healed whitespace put back in front of the fix, so the repaired model writes exactly what the
+completion path expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+# Characters of context kept per token of budget: generous, so the token budget is what binds.
+CHARS_PER_TOKEN = 8
+SUFFIX_SHARE = 4          # with FIM, the suffix gets 1/SUFFIX_SHARE of the budget
+BLOCK_OPENERS = (":", "{", "(", "[")
+
+# (prefix, suffix, middle) special tokens, PSM order; used when all three are single tokens of the model.
+FIM_TEMPLATES = [
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),          # Qwen2.5-Coder
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),                # StarCoder, SantaCoder
+    ("<\uff5cfim\u2581begin\uff5c>", "<\uff5cfim\u2581hole\uff5c>", "<\uff5cfim\u2581end\uff5c>"),  # DeepSeek-Coder
+]
+
+
+@dataclass(frozen=True)
+class Context:
+    """The text around the cursor, bounded: everything a completion depends on (with the settings)."""
+
+    prefix: str               # up to `budget * CHARS_PER_TOKEN` characters before the cursor
+    prefix_truncated: bool    # the document goes on before `prefix`
+    suffix: str               # up to `budget * CHARS_PER_TOKEN // SUFFIX_SHARE` characters after it
+    budget: int               # prompt budget in tokens
+
+    @classmethod
+    def at(cls, source: str, offset: int, budget: int) -> "Context":
+        n_prefix = budget * CHARS_PER_TOKEN
+        n_suffix = max(256, n_prefix // SUFFIX_SHARE)
+        start = max(0, offset - n_prefix)
+        return cls(source[start:offset], start > 0, source[offset : offset + n_suffix], budget)
+
+    def extended(self, typed: str) -> "Context":
+        """The context after the user typed `typed` at the cursor (the suffix stays)."""
+        text = self.prefix + typed
+        n_prefix = self.budget * CHARS_PER_TOKEN
+        return replace(self, prefix=text[-n_prefix:], prefix_truncated=self.prefix_truncated or len(text) > n_prefix)
+
+    @property
+    def line_before(self) -> str:
+        return self.prefix.rsplit("\n", 1)[-1]
+
+    @property
+    def line_after(self) -> str:
+        return self.suffix.split("\n", 1)[0].rstrip("\r")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str                 # what the model reads
+    heal: str                 # whitespace left out at the end; stripped again from the completion
+    multiline: bool
+    base_indent: int          # multi-line: stop at a line indented less than this
+    max_new_tokens: int
+    line_after: str           # rest of the cursor line
+    next_line: str            # the first non-blank line after the cursor line (duplication filter)
+    fim: bool = False
+    n_tokens: int = 0
+
+    def repair_fix(self, fix: str) -> str:
+        """The repair target for a user's fix at this cursor: what the model must write after `text`."""
+        return self.heal + fix
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" \t"))
+
+
+def _last_nonblank(lines: list[str]) -> str | None:
+    for line in reversed(lines):
+        if line.strip():
+            return line
+    return None
+
+
+def decide_mode(prefix: str, line_after: str, multiline: str) -> tuple[bool, int]:
+    """(multi-line?, base indent). "auto": multi-line when the cursor opens a block, i.e. it is at the
+    end of a line ending with a block opener, or on a blank line right after one. Never with code after
+    the cursor on its line. In multi-line mode generation stops at a line indented less than the base."""
+    if multiline == "never" or line_after.strip():
+        return False, 0
+    lines = prefix.split("\n")
+    before = lines[-1]
+    if before.strip():
+        anchor, base = before, _indent(before) + 1
+    else:
+        anchor = _last_nonblank(lines[:-1]) or ""
+        base = max(len(before), _indent(anchor) + 1)
+    if anchor.rstrip().endswith(BLOCK_OPENERS) and not anchor.lstrip().startswith("#"):
+        return True, base
+    if multiline == "always":
+        return True, _indent(before) if before.strip() else len(before)
+    return False, 0
+
+
+def fim_tokens(tokenizer) -> tuple[str, str, str] | None:
+    """The model's FIM template, if its vocabulary has one (cached on the tokenizer object)."""
+    cached = getattr(tokenizer, "_star_fim", False)
+    if cached is not False:
+        return cached
+    vocab = tokenizer.get_vocab()
+    found = next((t for t in FIM_TEMPLATES if all(x in vocab for x in t)), None)
+    try:
+        tokenizer._star_fim = found
+    except AttributeError:
+        pass
+    return found
+
+
+def _count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _fit_prefix(tokenizer, prefix: str, truncated: bool, budget: int) -> tuple[str, int]:
+    """The longest tail of `prefix` that starts at a line start and fits in `budget` tokens.
+    Starting at a line start keeps the prompt (and the KV cache) stable while the user types."""
+    if truncated and "\n" in prefix:
+        prefix = prefix.split("\n", 1)[1]
+    n = _count(tokenizer, prefix)
+    if n <= budget:
+        return prefix, n
+    lines = prefix.split("\n")
+    pieces = [line + "\n" for line in lines[:-1]] + [lines[-1]]
+    counts = [len(ids) for ids in tokenizer(pieces, add_special_tokens=False)["input_ids"]]
+    start, total = len(pieces), 0
+    while start > 0 and total + counts[start - 1] <= budget:
+        start -= 1
+        total += counts[start]
+    while start < len(pieces) - 1:
+        prefix = "".join(pieces[start:])
+        n = _count(tokenizer, prefix)
+        if n <= budget:
+            return prefix, n
+        start += 1
+    ids = tokenizer(pieces[-1], add_special_tokens=False)["input_ids"][-budget:]   # one huge line: keep its end
+    return tokenizer.decode(ids), len(ids)
+
+
+def _fit_suffix(tokenizer, suffix: str, budget: int) -> str:
+    """The longest head of `suffix` that ends at a line end and fits in `budget` tokens."""
+    while suffix and _count(tokenizer, suffix) > budget:
+        cut = suffix.rfind("\n", 0, max(0, len(suffix) - 1))
+        suffix = suffix[: cut + 1] if cut > 0 else ""
+    return suffix
+
+
+def build_prompt(
+    context: Context,
+    tokenizer,
+    *,
+    multiline: str = "auto",
+    max_tokens: int = 48,
+    max_line_tokens: int = 24,
+) -> Prompt:
+    line_before, line_after = context.line_before, context.line_after
+    is_multi, base_indent = decide_mode(context.prefix, line_after, multiline)
+    heal = line_before[len(line_before.rstrip(" \t")) :]
+    prefix = context.prefix[: len(context.prefix) - len(heal)]
+
+    after_lines = context.suffix.split("\n")[1:]
+    next_line = next((l for l in after_lines if l.strip()), "")
+    fim = fim_tokens(tokenizer) if context.suffix.strip() else None
+    budget = context.budget
+    suffix = ""
+    if fim:
+        suffix = _fit_suffix(tokenizer, context.suffix, budget // SUFFIX_SHARE)
+        budget -= _count(tokenizer, suffix) + 3
+    prefix, n = _fit_prefix(tokenizer, prefix, context.prefix_truncated, max(1, budget))
+    text = f"{fim[0]}{prefix}{fim[1]}{suffix}{fim[2]}" if fim else prefix
+    return Prompt(
+        text=text,
+        heal=heal,
+        multiline=is_multi,
+        base_indent=base_indent,
+        max_new_tokens=max_tokens if is_multi else min(max_tokens, max_line_tokens),
+        line_after=line_after,
+        next_line=next_line,
+        fim=bool(fim),
+        n_tokens=n,
+    )
+
+
+def _remove_heal(text: str, heal: str, prefix_end: str) -> str:
+    if heal:
+        if text.startswith(heal):
+            return text[len(heal) :]
+        first = text.split("\n", 1)[0]
+        if first.strip() and first[:1] in " \t":
+            return text.lstrip(" \t")
+        return text
+    if prefix_end == "." and text.startswith(" "):
+        return text.lstrip(" ")
+    return text
+
+
+def postprocess(text: str, prompt: Prompt, prefix_end: str = "") -> str:
+    """What the editor shows for the model's (already cut) text: "" means nothing to show."""
+    text = _remove_heal(text, prompt.heal, prefix_end)
+    if not prompt.multiline:
+        text = text.split("\n", 1)[0]
+    text = text.rstrip()
+    if not text.strip():
+        return ""
+    after = prompt.line_after
+    if after.strip() and not prompt.multiline:
+        # e.g. the editor auto-closed a bracket: don't write it twice
+        for k in range(min(len(text), len(after)), 0, -1):
+            if text.endswith(after[:k]):
+                text = text[:-k].rstrip()
+                break
+        if not text.strip() or after.lstrip().startswith(text.strip()):
+            return ""
+    nxt = prompt.next_line.strip()
+    if nxt:
+        lines = text.split("\n")
+        if lines[0].strip() == nxt and not after.strip():
+            return ""
+        for i, line in enumerate(lines[1:], start=1):
+            if line.strip() == nxt:   # the model is rewriting what follows the cursor (typical of FIM)
+                text = "\n".join(lines[:i]).rstrip()
+                break
+    return text if text.strip() else ""
