@@ -12,10 +12,12 @@
 // prompt that the model completes wrongly (WRONG: what the ghost text must start with) and the
 // fix STAR makes it produce (FIX). Override without editing: STAR_E2E_PROMPT / _WRONG / _FIX
 // (JSON strings, e.g. STAR_E2E_PROMPT='"def add(a, b):\\n    return"').
+// Measured here with SmolLM2-135M (the engine's demo case, star_engine/cli.py DEMO_CASE): the
+// model answers the comment with markdown ("*   `reverse_list_a` - Reverses the list `b`").
 const REAL = {
-  PROMPT: 'def add(a, b):\n    return',
-  WRONG: ' a + b',
-  FIX: ' b + a',
+  PROMPT: '# Reverse the list `a`\n',
+  WRONG: '*   `reverse_list_a`',
+  FIX: 'a.reverse()',
 };
 // FAKE: what client-vscode/e2e/fake_server.py does (a prompt ending with "return" completes to
 // " a - b"; a patched prompt completes to its fix).
@@ -222,24 +224,24 @@ async function toast(text, timeout) {
     const end = Date.now() + T.repair;
     const fixedToast = page.locator('.notifications-toasts .notification-list-item-message', { hasText: 'STAR fixed the completion' });
     const notFixed = page.locator('.notifications-toasts .notification-list-item-message', { hasText: /could not fix|repair failed/ });
+    const seen = new Set();
     while (Date.now() < end) {
-      if (!progressSeen) {
-        if (await page.locator('.notifications-toasts', { hasText: 'STAR: repairing the model' }).isVisible().catch(() => false)) {
-          progressSeen = 'notification';
-          await page.screenshot({ path: path.join(OUT, 'repairing.png') });
-        } else if ((await statusTexts()).some((t) => t.includes('STAR repairing'))) {
-          progressSeen = 'status bar';
-        }
+      if (!seen.has('notification')
+        && await page.locator('.notifications-toasts', { hasText: 'STAR: repairing the model' }).isVisible().catch(() => false)) {
+        seen.add('notification');
+        await page.screenshot({ path: path.join(OUT, 'repairing.png') });
       }
+      if (!seen.has('status bar') && (await statusTexts()).some((t) => t.includes('STAR repairing'))) seen.add('status bar');
       if (await fixedToast.first().isVisible().catch(() => false)) break;
       if (await notFixed.first().isVisible().catch(() => false)) {
         throw new Error(`not fixed: ${norm(await notFixed.first().innerText())}`);
       }
       await page.waitForTimeout(100);
     }
+    progressSeen = [...seen].join(' + ');
     const msg = await toast('STAR fixed the completion', 1000);
     console.log(ts(), 'notification:', show(msg), '| progress seen in:', progressSeen || 'nothing');
-    if (!progressSeen) throw new Error('no progress was shown during the repair');
+    if (!seen.has('notification')) throw new Error(`no progress notification during the repair (seen: ${progressSeen || 'nothing'})`);
     await page.waitForTimeout(800); // let the toast finish sliding in
     await page.screenshot({ path: path.join(OUT, 'fixed.png') });
   });

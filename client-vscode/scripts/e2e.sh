@@ -54,9 +54,10 @@ CS="$E2E_HOME/cs/node_modules/.bin/code-server"
 echo "building the VSIX"
 ensure_node_modules
 rm -rf "$CLIENT/out"
-(cd "$CLIENT" && npm run --silent package >"$CLIENT/.vsce.log" 2>&1) || { cat "$CLIENT/.vsce.log"; exit 1; }
-grep -E "DONE|Packaged" "$CLIENT/.vsce.log" | sed 's/\x1b\[[0-9;]*m//g' || true
-rm -f "$CLIENT/.vsce.log"
+VSCE_LOG=$(mktemp)
+(cd "$CLIENT" && npm run --silent package >"$VSCE_LOG" 2>&1) || { cat "$VSCE_LOG"; rm -f "$VSCE_LOG"; exit 1; }
+grep -E "DONE|Packaged" "$VSCE_LOG" | sed 's/\x1b\[[0-9;]*m//g' || true
+rm -f "$VSCE_LOG"
 VSIX="$CLIENT/star-vscode.vsix"
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/star-e2e.XXXXXX")

@@ -36,7 +36,7 @@ import {
   toInitOptions,
 } from './logic/settings';
 import { StatusState, parseServerStatus, statusView } from './logic/status';
-import { CompletionStore, DocLike, FixTarget, selectionTarget, visibleCompletion } from './logic/store';
+import { CompletionStore, DocLike, FixTarget, selectionTarget, targetFromServerArgument, visibleCompletion } from './logic/store';
 import {
   ApplyFixResult,
   PatchInfo,
@@ -48,6 +48,7 @@ import {
   parseApplyFixResult,
   parsePatchList,
   patchPickItems,
+  starMessage,
   unescapeFromInput,
   validateFix,
 } from './logic/fix';
@@ -103,7 +104,7 @@ export class StarExtension implements vscode.Disposable {
   activate(context: vscode.ExtensionContext): void {
     const reg = (id: string, fn: (...args: unknown[]) => unknown) =>
       this.disposables.push(vscode.commands.registerCommand(id, fn));
-    reg(UI_COMMANDS.markWrong, () => this.markWrong());
+    reg(UI_COMMANDS.markWrong, (arg?: unknown) => this.markWrong(arg));
     reg(UI_COMMANDS.undoLastPatch, () => this.undoLastPatch());
     reg(UI_COMMANDS.showPatches, () => this.showPatches());
     reg(UI_COMMANDS.importAdapter, () => this.importAdapter());
@@ -343,22 +344,35 @@ export class StarExtension implements vscode.Disposable {
     }
   }
 
-  /** "STAR: Mark completion as wrong / provide fix". */
-  async markWrong(): Promise<void> {
+  /**
+   * "STAR: Mark completion as wrong / provide fix". From the palette or the context menu: no
+   * argument, the target comes from the selection or the store of shown completions. From the
+   * server's code action: one argument {uri, position, completion, accepted}.
+   */
+  async markWrong(arg?: unknown): Promise<void> {
+    const client = this.runningClient();
+    if (!client) return;
+    const fromServer = typeof arg === 'object' && arg !== null && typeof (arg as { uri?: unknown }).uri === 'string';
     const editor = vscode.window.activeTextEditor;
-    if (!editor) {
+    const doc = fromServer
+      ? vscode.workspace.textDocuments.find((d) => d.uri.toString() === (arg as { uri: string }).uri)
+      : editor?.document;
+    if (!doc) {
       void vscode.window.showWarningMessage('STAR: open the file with the wrong completion first.');
       return;
     }
-    const client = this.runningClient();
-    if (!client) return;
-    const doc = editor.document;
     const dl = docLike(doc);
     let target: FixTarget | undefined;
-    if (!editor.selection.isEmpty) {
+    if (fromServer) {
+      target = targetFromServerArgument(dl, arg);
+      if (!target) {
+        void vscode.window.showWarningMessage('STAR: that completion is no longer in the document.');
+        return;
+      }
+    } else if (editor && !editor.selection.isEmpty) {
       target = selectionTarget(dl, editor.selection.start, editor.selection.end);
     } else {
-      const candidates = this.store.candidates(dl, editor.selection.active);
+      const candidates = editor ? this.store.candidates(dl, editor.selection.active) : [];
       if (candidates.length === 0) {
         void vscode.window.showWarningMessage(
           'STAR: no completion here. Put the cursor where the wrong completion was shown (or right after it, ' +
@@ -468,8 +482,9 @@ export class StarExtension implements vscode.Disposable {
     if (!client) return;
     await this.guarded('undo', async () => {
       const r = (await this.exec(client, SERVER_COMMANDS.patchesUndoLast)) as { removed?: string | null; message?: string } | null;
-      const msg = r?.message || (r?.removed ? `removed patch ${r.removed}` : 'no patch to undo');
-      void vscode.window.showInformationMessage(`STAR: ${msg}`);
+      void vscode.window.showInformationMessage(
+        starMessage(r?.message, r?.removed ? `removed patch ${r.removed}` : 'no patch to undo'),
+      );
     });
   }
 
@@ -541,7 +556,7 @@ export class StarExtension implements vscode.Disposable {
     if (!picked || picked.length === 0) return;
     await this.guarded('import', async () => {
       const r = (await this.exec(client, SERVER_COMMANDS.patchesImport, { path: picked[0].fsPath })) as { id?: string; message?: string } | null;
-      void vscode.window.showInformationMessage(`STAR: ${r?.message || `imported patch ${r?.id ?? ''}`.trim()}`);
+      void vscode.window.showInformationMessage(starMessage(r?.message, `imported patch ${r?.id ?? ''}`.trim()));
     });
   }
 

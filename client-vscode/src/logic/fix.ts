@@ -51,10 +51,22 @@ export function parseApplyFixResult(r: unknown): ApplyFixResult {
 export const FIXED_PREFIX = 'STAR fixed the completion';
 export const NOT_FIXED_PREFIX = 'STAR could not fix the completion';
 
+/** Server messages may start with "STAR:"; the client adds its own prefix. */
+export function stripStar(message: string): string {
+  return message.replace(/^\s*STAR\b\s*:?\s*/, '').trim();
+}
+
+/** "STAR: <message>" for a server message, without saying STAR twice. */
+export function starMessage(message: string | undefined, fallback: string): string {
+  return `STAR: ${stripStar(message ?? '') || fallback}`;
+}
+
 export function formatFixResult(r: ApplyFixResult): string {
   const details: string[] = [];
   // "fixed: 3 neurons…" after our own "fixed the completion" would say it twice
-  const message = r.message?.replace(/^\s*(not\s+)?fixed\b\s*[:,.\-—]?\s*/i, '').trim();
+  const message = stripStar(r.message ?? '')
+    .replace(/^(not\s+fixed|could\s+not\s+fix|fixed)(\s+the\s+completion)?\b\s*[:,.\-—]?\s*/i, '')
+    .trim();
   if (message) details.push(message);
   else {
     if (r.neurons !== undefined) details.push(`${r.neurons} neuron${r.neurons === 1 ? '' : 's'} patched`);

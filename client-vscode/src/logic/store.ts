@@ -180,3 +180,24 @@ export function docFromText(uri: string, text: string, version = 1): DocLike {
     },
   };
 }
+
+/**
+ * The argument of the server's "mark as wrong" code action, which runs the UI command
+ * `starRepair.markWrong` (server setting markWrongCommand) with
+ * `{uri, position, completion, accepted}`: the server's own record of what it showed.
+ * Gives the target, with `replace` only when an accepted completion is still in the text.
+ */
+export function targetFromServerArgument(doc: DocLike, arg: unknown): FixTarget | undefined {
+  if (typeof arg !== 'object' || arg === null) return undefined;
+  const a = arg as { uri?: unknown; position?: { line?: unknown; character?: unknown }; completion?: unknown; accepted?: unknown };
+  if (a.uri !== doc.uri || typeof a.completion !== 'string' || typeof a.position !== 'object' || a.position === null) return undefined;
+  const { line, character } = a.position;
+  if (typeof line !== 'number' || typeof character !== 'number' || line < 0 || character < 0) return undefined;
+  const position = { line, character };
+  if (a.accepted !== true) return { source: 'shown', position, completion: a.completion };
+  const off = doc.offsetAt(position);
+  const there = doc.getText().slice(off, off + a.completion.length) === a.completion;
+  return there
+    ? { source: 'accepted', position, completion: a.completion, replace: { start: position, end: doc.positionAt(off + a.completion.length) } }
+    : { source: 'accepted', position, completion: a.completion };
+}

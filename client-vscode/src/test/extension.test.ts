@@ -191,6 +191,23 @@ test('mark as wrong with a selection; not fixed gives a warning and no edit', as
   assert.equal(rec.edits.length, 0);
 });
 
+test('mark as wrong from the server code action argument {uri, position, completion, accepted}', async () => {
+  const doc = fakeDocument(PROMPT + ' a - b\n', 7);
+  api.workspace.textDocuments = [doc];
+  rec.window.activeTextEditor = undefined;
+  rec.window.showInputBox = async () => ' a + b';
+  replies = { [SERVER_COMMANDS.applyFix]: { fixed: true, message: 'STAR: fixed (2 neurons)' } };
+  requests.length = 0;
+  rec.messages.length = 0;
+  rec.edits.length = 0;
+  await rec.commands.get(UI_COMMANDS.markWrong)!({ uri: 'file:///ws/demo.py', position: { line: 1, character: 10 }, completion: ' a - b', accepted: true });
+  assert.deepEqual(requests[0].params.arguments, [
+    { uri: 'file:///ws/demo.py', position: { line: 1, character: 10 }, completion: ' a - b', fix: ' a + b' },
+  ]);
+  assert.equal(rec.messages[0].text, `${FIXED_PREFIX}: (2 neurons)`);
+  assert.deepEqual([rec.edits[0].range.start, rec.edits[0].range.end].map((p) => [p.line, p.character]), [[1, 10], [1, 16]]);
+});
+
 test('mark as wrong with nothing at the cursor explains what to do and sends nothing', async () => {
   const doc = fakeDocument('print(1)\n', 4);
   const p = new Position(0, 3);
@@ -209,6 +226,10 @@ test('undo and patch commands call the protocol commands', async () => {
   await rec.commands.get(UI_COMMANDS.undoLastPatch)!();
   assert.deepEqual(requests.map((r) => [r.params.command, r.params.arguments]), [['star.patches.undoLast', []]]);
   assert.equal(rec.messages[0].text, 'STAR: removed patch p1');
+  replies = { [SERVER_COMMANDS.patchesUndoLast]: { removed: null, message: 'STAR: no patch to undo' } };
+  rec.messages.length = 0;
+  await rec.commands.get(UI_COMMANDS.undoLastPatch)!();
+  assert.equal(rec.messages[0].text, 'STAR: no patch to undo');
   replies = { [SERVER_COMMANDS.patchesList]: [] };
   requests.length = 0;
   rec.messages.length = 0;

@@ -12,6 +12,7 @@ import {
   parsePatchList,
   patchPickItems,
   promptTail,
+  starMessage,
   unescapeFromInput,
   validateFix,
 } from '../logic/fix';
@@ -52,6 +53,13 @@ test('parseApplyFixResult and formatFixResult', () => {
   assert.equal(formatFixResult({ fixed: true, message: 'Fixed: 3 neurons, 2.0 s' }), `${FIXED_PREFIX}: 3 neurons, 2.0 s`);
   assert.equal(formatFixResult({ fixed: false, message: 'not fixed - the fix is already the completion' }), `${NOT_FIXED_PREFIX}: the fix is already the completion`);
   assert.equal(formatFixResult({ fixed: true, message: 'fixedness 3' }), `${FIXED_PREFIX}: fixedness 3`);
+  assert.equal(formatFixResult({ fixed: true, message: 'STAR: fixed — 5 neurons in 0.8 s' }), `${FIXED_PREFIX}: 5 neurons in 0.8 s`);
+  assert.equal(formatFixResult({ fixed: false, message: 'STAR: not fixed: the fix is too long' }), `${NOT_FIXED_PREFIX}: the fix is too long`);
+  assert.equal(formatFixResult({ fixed: true, message: 'STAR fixed the completion: 12 neuron(s) in layer(s) 3, 17.0 s' }),
+    `${FIXED_PREFIX}: 12 neuron(s) in layer(s) 3, 17.0 s`);
+  assert.equal(formatFixResult({ fixed: false, message: 'STAR could not fix the completion: budget exhausted' }),
+    `${NOT_FIXED_PREFIX}: budget exhausted`);
+  assert.equal(formatFixResult({ fixed: true, message: 'STARS align' }), `${FIXED_PREFIX}: STARS align`);
   assert.equal(parseApplyFixResult(null).fixed, false);
   assert.equal(parseApplyFixResult({ fixed: 'yes' }).fixed, false);
   assert.ok(FIXED_PREFIX.includes('fixed') && !NOT_FIXED_PREFIX.startsWith(FIXED_PREFIX));
@@ -71,6 +79,13 @@ test('patch list parsing and quick pick items (newest first)', () => {
   assert.equal(items[1].description, 'enabled · star · 4 neurons · 2 layers · p1');
   assert.match(items[1].detail, /was:  a - b/);
   assert.deepEqual(parsePatchList(null), []);
+});
+
+test('starMessage: one STAR prefix', () => {
+  assert.equal(starMessage('STAR: undid patch p1', 'x'), 'STAR: undid patch p1');
+  assert.equal(starMessage('removed patch p1', 'x'), 'STAR: removed patch p1');
+  assert.equal(starMessage(undefined, 'no patch to undo'), 'STAR: no patch to undo');
+  assert.equal(starMessage('STAR:', 'fallback'), 'STAR: fallback');
 });
 
 test('oneLine / promptTail', () => {

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { CompletionStore, docFromText, selectionTarget, visibleCompletion } from '../logic/store';
+import { CompletionStore, docFromText, selectionTarget, targetFromServerArgument, visibleCompletion } from '../logic/store';
 
 const URI = 'file:///ws/demo.py';
 const PROMPT = 'import os\ndef add(a, b):\n    return';
@@ -103,4 +103,22 @@ test('visibleCompletion: items whose range starts before the cursor', () => {
   assert.equal(visibleCompletion(' a - b', undefined), ' a - b');
   assert.equal(visibleCompletion('return a + b', 'ret'), 'urn a + b');
   assert.equal(visibleCompletion('print()', 'ret'), undefined);
+});
+
+test('targetFromServerArgument: the code action argument {uri, position, completion, accepted}', () => {
+  const d = docFromText(URI, PROMPT + ' a - b\n');
+  assert.deepEqual(targetFromServerArgument(d, { uri: URI, position: END, completion: ' a - b', accepted: true }), {
+    source: 'accepted', position: END, completion: ' a - b', replace: { start: END, end: { line: 2, character: 16 } },
+  });
+  // accepted but edited since: no replace range (nothing will be edited)
+  assert.deepEqual(targetFromServerArgument(d, { uri: URI, position: END, completion: ' a * b', accepted: true }), {
+    source: 'accepted', position: END, completion: ' a * b',
+  });
+  assert.deepEqual(targetFromServerArgument(docFromText(URI, PROMPT), { uri: URI, position: END, completion: ' x', accepted: false }), {
+    source: 'shown', position: END, completion: ' x',
+  });
+  assert.equal(targetFromServerArgument(d, { uri: 'file:///other.py', position: END, completion: 'x' }), undefined);
+  assert.equal(targetFromServerArgument(d, { uri: URI, position: { line: -1, character: 0 }, completion: 'x' }), undefined);
+  assert.equal(targetFromServerArgument(d, undefined), undefined);
+  assert.equal(targetFromServerArgument(d, 'junk'), undefined);
 });
