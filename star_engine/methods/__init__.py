@@ -1,10 +1,16 @@
 """Repair methods, one folder each behind RepairMethod. Adding a method = a folder + one line here."""
 
 from .base import RepairMethod, build_config, field_help
+from .lora import LoraMethod
+from .mint import MintMethod
+from .sgd import SgdMethod
 from .star import StarMethod
 
 METHODS: dict[str, type[RepairMethod]] = {
     StarMethod.name: StarMethod,
+    MintMethod.name: MintMethod,
+    SgdMethod.name: SgdMethod,
+    LoraMethod.name: LoraMethod,
 }
 
 

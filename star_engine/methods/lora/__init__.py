@@ -1,0 +1,4 @@
+from .config import LoraConfig
+from .method import LoraMethod
+
+__all__ = ["LoraConfig", "LoraMethod"]

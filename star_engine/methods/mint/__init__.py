@@ -1,0 +1,4 @@
+from .config import MintConfig
+from .method import MintMethod
+
+__all__ = ["MintConfig", "MintMethod"]

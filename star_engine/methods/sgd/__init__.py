@@ -1,0 +1,4 @@
+from .config import SgdConfig
+from .method import SgdMethod
+
+__all__ = ["SgdConfig", "SgdMethod"]

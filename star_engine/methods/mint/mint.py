@@ -1,0 +1,51 @@
+"""MINT's math (star_method.md §4.2), in the paper's symbols.
+
+    delta   = b_t - b_a                              semantic basis difference (star_engine.semantic)
+    tau     = delta / (max delta - min delta)        the traction, the same for every layer
+    w_lj   <- (w_lj + f * tau) / (1 + f)             blend neuron (l, j)'s write vector 1 % toward tau
+    gap_lj  = p(a) - p(t) with neuron (l, j) patched  simulated editing: the smallest gap is applied
+
+A failure is fixed by repeating "simulate every candidate, apply the best" until the argmax is the target,
+at most `max_patches` times; a failure that needs more is rolled back and counted as skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def traction(delta: torch.Tensor) -> torch.Tensor:
+    """tau = delta / range(delta)."""
+    return delta / (delta.max() - delta.min() + 1e-12)
+
+
+def orthogonalise(tau: torch.Tensor, history: list[torch.Tensor]) -> torch.Tensor:
+    """tau projected onto the orthogonal complement of earlier unit tractions, its norm kept."""
+    if not history:
+        return tau
+    Q, _ = torch.linalg.qr(torch.stack(history, dim=1))      # (d, k) orthonormal
+    projected = tau - Q @ (Q.T @ tau)
+    n = projected.norm()
+    return projected * (tau.norm() / n) if n > 1e-12 else tau
+
+
+def top_candidates(scores: dict[int, torch.Tensor], k: int) -> list[tuple[int, int]]:
+    """The k highest-scoring neurons (layer, index) pooled over layers, best first (ties: lower layer/index)."""
+    layers = sorted(scores)
+    pooled = torch.cat([scores[l] for l in layers])
+    d_ff = scores[layers[0]].shape[0]
+    order = torch.argsort(pooled, descending=True, stable=True)[:k]
+    return [(layers[int(i) // d_ff], int(i) % d_ff) for i in order]
+
+
+@torch.no_grad()
+def blend_column(W: torch.Tensor, j: int, tau: torch.Tensor, f: float) -> torch.Tensor:
+    """Patch column j of W (d, d_ff) in place; returns the old column for the undo."""
+    old = W[:, j].clone()
+    W[:, j] = (old + f * tau.to(W.dtype)) / (1 + f)
+    return old
+
+
+def gap(logits: torch.Tensor, wrong: int, target: int) -> float:
+    p = logits.softmax(-1)
+    return float(p[wrong] - p[target])
