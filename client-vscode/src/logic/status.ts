@@ -83,7 +83,8 @@ export function statusView(s: StatusState): StatusView {
     kind,
     text: TEXTS[kind],
     tooltip: lines.join('\n'),
-    severity: kind === 'error' ? 'error' : kind === 'slow' || kind === 'stopped' ? 'warning' : 'normal',
+    // "slow" is common on small CPUs: informative, not alarming (no warning colour)
+    severity: kind === 'error' ? 'error' : kind === 'stopped' ? 'warning' : 'normal',
   };
 }
 

@@ -41,7 +41,8 @@ test('each server kind maps to its own text', () => {
   assert.equal(texts.size, 6);
   assert.equal(statusView(st({ server: srv('error', 'boom') })).severity, 'error');
   assert.match(statusView(st({ server: srv('error', 'boom') })).tooltip, /boom/);
-  assert.equal(statusView(st({ server: srv('slow') })).severity, 'warning');
+  assert.equal(statusView(st({ server: srv('slow') })).severity, 'normal');
+  assert.equal(statusView(st({ phase: 'stopped' })).severity, 'warning');
 });
 
 test('local generating, off, stopped and failed', () => {
