@@ -1,5 +1,95 @@
-"""`star serve`: placeholder until the language server lands."""
+"""`star serve` (through the `star.commands` entry point) and `python -m star_server`: the language
+server over stdio (default) or TCP."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .settings import MULTILINE_MODES, Settings
 
 
-def register(sub) -> None:
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = Settings()
+    parser.add_argument("--model", help="embedded model name, HF directory or .gguf file (default: smollm2-135m)")
+    parser.add_argument("--adapters", metavar="DIR", help="the patch stack folder (default: the user data dir)")
+    parser.add_argument("--stdio", action="store_true", help="serve over stdio (the default; accepted for LSP clients)")
+    parser.add_argument("--tcp", metavar="HOST:PORT", help="serve over TCP instead of stdio")
+    parser.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"new tokens per completion (default {d.max_tokens})")
+    parser.add_argument("--max-line-tokens", type=int, default=d.max_line_tokens,
+                        help=f"new tokens per single-line completion (default {d.max_line_tokens})")
+    parser.add_argument("--context-tokens", type=int, default=d.context_tokens,
+                        help=f"prompt budget in tokens (default {d.context_tokens})")
+    parser.add_argument("--multiline", choices=MULTILINE_MODES, default=d.multiline)
+    parser.add_argument("--debounce-ms", type=int, default=d.debounce_ms, help="server-side debounce of automatic requests")
+    parser.add_argument("--repair-method", default=d.repair_method, help=f"default: {d.repair_method}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-file", help="log here instead of stderr")
+
+
+def register(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="run the language server (LSP over stdio)")
+    add_arguments(serve)
+    serve.set_defaults(func=serve_command)
+
+
+def _settings(args) -> Settings:
+    settings, problems = Settings(model=args.model, adapters_dir=args.adapters).updated({
+        "maxTokens": args.max_tokens,
+        "maxLineTokens": args.max_line_tokens,
+        "contextTokens": args.context_tokens,
+        "multiline": args.multiline,
+        "debounceMs": args.debounce_ms,
+        "repairMethod": args.repair_method,
+    })
+    if problems:
+        raise ValueError("; ".join(problems))
+    return settings
+
+
+def _logging(args) -> None:
+    handler = logging.FileHandler(args.log_file) if args.log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(args.log_level.upper())
+    if args.log_level != "debug":   # pygls logs every message it sends at INFO
+        logging.getLogger("pygls").setLevel(logging.WARNING)
+
+
+def serve_command(args) -> int:
+    from .server import make_server
+
+    settings = _settings(args)
+    _logging(args)
+    server = make_server(settings)
+    exit_code = 0
+    try:
+        if args.tcp:
+            host, _, port = args.tcp.rpartition(":")
+            server.start_tcp(host or "127.0.0.1", int(port))
+        else:
+            # The protocol owns the real stdout: anything else printed goes to stderr.
+            stdout = sys.stdout.buffer
+            sys.stdout = sys.stderr
+            server.start_io(sys.stdin.buffer, stdout)
+        exit_code = 0 if getattr(server.protocol, "_shutdown", True) else 1
+    finally:
+        server.stop_work()
+        logging.shutdown()
+        # Worker threads stop at their next cancellation check; don't wait for a long repair step.
+        os._exit(exit_code)
+    return exit_code   # pragma: no cover
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m star_server", description="The star language server.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return serve_command(args)
+    except ValueError as e:
+        print(f"star serve: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,228 @@
+"""Owns the models and the lock discipline.
+
+* SERVING model: completions only, read under `rw.read()`.
+* WORKBENCH model (a deep copy): repairs and patch-stack changes run on it, under `stack.lock`, while
+  completions keep being served from the old weights.
+* After a successful change the output-projection weights are copied workbench -> serving under
+  `rw.write()`, so a completion sees either the old or the new weights, never a half-patched model.
+  STAR (and the patch stack) only ever change those weights; everything else is identical in both.
+
+Lock order: stack.lock -> rw.write. Completions take rw.read only. Every method here is blocking and
+runs in a worker thread; the language server calls them through its executors.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import platformdirs
+import torch
+
+from star_engine.case import RepairCase
+from star_engine.model import LoadedModel, load_model
+from star_engine.repair import RepairResult, repair, undo
+
+from .generation import Generated, Generator
+from .patches import open_stack
+from .rwlock import RWLock
+
+log = logging.getLogger(__name__)
+
+
+class RepairBusy(RuntimeError):
+    pass
+
+
+def default_adapters_dir() -> Path:
+    try:
+        from star_engine.adapters import default_folder
+    except ImportError:
+        return Path(platformdirs.user_data_dir("star")) / "adapters"
+    return default_folder()
+
+
+def _copy_tokenizer(tokenizer):
+    """The workbench gets its own tokenizer: fast tokenizers are not safe to share between threads."""
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:   # pragma: no cover - depends on the tokenizer class
+        return tokenizer
+
+
+@dataclass
+class LoadReport:
+    model: str
+    adapters_dir: Path
+    patches: int
+    problems: list[str]
+    persistent: bool     # the patch stack writes adapter files (else: in memory only)
+
+
+class EngineHost:
+    def __init__(self):
+        self.rw = RWLock()
+        self.serving: LoadedModel | None = None
+        self.workbench: LoadedModel | None = None
+        self.stack = None
+        self.generator: Generator | None = None
+        self.version = 0
+        self.adapters_dir: Path | None = None
+        self._repairing = threading.Lock()
+        self._watcher = None
+        # called (from a worker or watcher thread) after the serving weights changed: (reason, problems)
+        self.on_weights_changed: Callable[[str, list[str]], None] | None = None
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.serving is not None
+
+    @property
+    def model_name(self) -> str:
+        return self.serving.name if self.serving else ""
+
+    @property
+    def context_window(self) -> int:
+        return self.serving.context_window if self.serving else 2048
+
+    def load(self, spec: str | None, adapters_dir: str | None) -> LoadReport:
+        """Load a model (and its patch stack) and switch to it."""
+        serving = load_model(spec)
+        return self.install(serving, adapters_dir)
+
+    def install(self, serving: LoadedModel, adapters_dir: str | None) -> LoadReport:
+        workbench = LoadedModel(
+            model=copy.deepcopy(serving.model),
+            tokenizer=_copy_tokenizer(serving.tokenizer),
+            name=serving.name,
+            path=serving.path,
+        )
+        stack = open_stack(workbench, Path(adapters_dir).expanduser() if adapters_dir else None)
+        folder = Path(getattr(stack, "path", None) or default_adapters_dir())
+        with stack.lock:
+            problems = list(stack.load() or [])
+            _copy_out_proj(workbench, serving)
+            patches = len(stack.list())
+        self.close()
+        with self.rw.write():
+            self.serving, self.workbench, self.stack = serving, workbench, stack
+            self.generator = Generator(serving)
+            self.adapters_dir = folder
+            self.version += 1
+        try:
+            self._watcher = stack.watch(self._on_stack_change)
+        except Exception as e:   # hot reload is a convenience: serve without it
+            log.warning("cannot watch %s: %s", folder, e)
+            problems.append(f"hot reload of {folder} is off: {e}")
+        persistent = type(stack).__name__ != "MemoryPatchStack"
+        return LoadReport(serving.name, folder, patches, problems, persistent)
+
+    def close(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        stop = getattr(watcher, "stop", None)
+        if callable(stop):
+            try:
+                stop()
+            except Exception:
+                pass
+
+    # -- completions ---------------------------------------------------------------------------------
+
+    def complete(self, key: str, prompt, cancel: threading.Event | None) -> tuple[Generated, int]:
+        """Generate for a `prompting.Prompt` on the serving model. Returns (generated, weights version)."""
+        with self.rw.read():
+            version, generator = self.version, self.generator
+            out = generator.run(
+                prompt.text,
+                max_new_tokens=prompt.max_new_tokens,
+                multiline=prompt.multiline,
+                base_indent=prompt.base_indent,
+                cancel=cancel,
+                key=key,
+            )
+            return out, version
+
+    # -- weights switch ------------------------------------------------------------------------------
+
+    def _switch(self) -> None:
+        """Copy the workbench's output projections to the serving model (caller holds stack.lock)."""
+        with self.rw.write():
+            _copy_out_proj(self.workbench, self.serving)
+            self.version += 1
+            self.generator.reset()
+
+    def _changed(self, reason: str, problems: list[str] | None = None) -> None:
+        if self.on_weights_changed is not None:
+            self.on_weights_changed(reason, problems or [])
+
+    def _on_stack_change(self, problems=None) -> None:
+        """Hot reload: the stack already applied the folder's changes to the workbench."""
+        try:
+            with self.stack.lock:
+                self._switch()
+        except Exception as e:   # pragma: no cover - defensive: a watcher thread must not die
+            log.exception("hot reload failed")
+            problems = list(problems or []) + [f"reload failed: {e}"]
+        self._changed("reloaded", list(problems or []))
+
+    # -- repair and the patch stack -----------------------------------------------------------------
+
+    def repair(self, case: RepairCase, method: str, cancel=None, progress=None) -> tuple[RepairResult, object]:
+        """Run a repair on the workbench; on success persist it and switch the serving weights.
+        One repair at a time: a second one raises RepairBusy."""
+        if not self._repairing.acquire(blocking=False):
+            raise RepairBusy("a repair is already running: wait for it to finish or cancel it")
+        try:
+            with self.stack.lock:
+                result = repair(self.workbench, [case], method, cancel=cancel, progress=progress)
+                info = None
+                if result.fixed:
+                    try:
+                        info = self.stack.add(result)
+                    except ValueError as e:   # the stack refused it (e.g. it breaks an earlier fix)
+                        undo(self.workbench, result)
+                        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                        result = replace(result, fixed=False, reason=f"the patch was not kept: {first}",
+                                         patch=None, saved=None)
+                    except BaseException:
+                        undo(self.workbench, result)
+                        raise
+                    else:
+                        self._switch()
+        finally:
+            self._repairing.release()
+        if result.fixed:
+            self._changed("repaired")
+        return result, info
+
+    @property
+    def repairing(self) -> bool:
+        return self._repairing.locked()
+
+    def patches(self) -> list:
+        return list(self.stack.list())
+
+    def mutate(self, operation: str, *args):
+        """Run a patch-stack operation (undo_last, set_enabled, remove, import_) and switch weights."""
+        with self.stack.lock:
+            try:
+                return getattr(self.stack, operation)(*args)
+            finally:
+                self._switch()
+                self._changed(operation)
+
+    def export(self, patch_id: str, path: str):
+        with self.stack.lock:
+            return self.stack.export(patch_id, path)
+
+
+@torch.no_grad()
+def _copy_out_proj(src: LoadedModel, dst: LoadedModel) -> None:
+    for layer in range(src.arch.n_layers):
+        dst.arch.weight(layer).copy_(src.arch.weight(layer))

@@ -1,0 +1,511 @@
+"""The language server end to end, with pytest-lsp as the client, against the real server process
+(`python -m star_server`) on a tiny random model saved to disk: capabilities, completions, applyFix with
+progress, the patch commands, cancellation, settings, the code action, hot reload, and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from lsprotocol import types
+from pygls.exceptions import JsonRpcException, JsonRpcRequestCancelled
+from pytest_lsp import ClientServerConfig
+
+from conftest import make_tiny
+
+PROTOCOL_COMMANDS = {
+    "star.applyFix",
+    "star.completion.accepted",
+    "star.patches.list",
+    "star.patches.undoLast",
+    "star.patches.setEnabled",
+    "star.patches.remove",
+    "star.patches.import",
+    "star.patches.export",
+}
+INLINE_CAPS = types.ClientCapabilities(
+    window=types.WindowClientCapabilities(work_done_progress=True),
+    text_document=types.TextDocumentClientCapabilities(
+        inline_completion=types.InlineCompletionClientCapabilities(),
+        completion=types.CompletionClientCapabilities(),
+    ),
+)
+PLAIN_CAPS = types.ClientCapabilities(
+    window=types.WindowClientCapabilities(work_done_progress=True),
+    text_document=types.TextDocumentClientCapabilities(completion=types.CompletionClientCapabilities()),
+)
+FIX_PROMPT = "# Reverse the list `a`\n"
+FIX = "a.reverse()"
+
+
+# -- harness (also used by test_server_default.py and test_server_fuzz.py) ---------------------------------------
+
+
+def server_command(model: str | Path, adapters: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "star_server", "--model", str(model), "--adapters", str(adapters), *extra]
+
+
+async def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    """Poll (pytest-lsp's wait_for_notification hangs on notifications that already arrived)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def start_client(command: list[str], *, capabilities=INLINE_CAPS, options: dict | None = None,
+                       ready_timeout: float = 120.0):
+    """Start the server, initialize, and wait for its `ready` status."""
+    client = await ClientServerConfig(server_command=command).start()
+    client.statuses = []
+    client.feature("star/status")(lambda ls, params: client.statuses.append(params))
+    client.init_result = await client.initialize_session(
+        types.InitializeParams(capabilities=capabilities, initialization_options=options)
+    )
+    await wait_for(lambda: any(s.kind in ("ready", "error") for s in client.statuses), ready_timeout, "ready status")
+    return client
+
+
+async def stop_client(client) -> None:
+    try:
+        await asyncio.wait_for(client.shutdown_session(), 30)
+    finally:
+        await client.stop()
+
+
+def open_doc(client, uri: str, text: str, version: int = 1) -> None:
+    client.text_document_did_open(
+        types.DidOpenTextDocumentParams(types.TextDocumentItem(uri=uri, language_id="python", version=version, text=text))
+    )
+
+
+def end_of(text: str) -> types.Position:
+    lines = text.split("\n")
+    return types.Position(line=len(lines) - 1, character=len(lines[-1]))
+
+
+async def inline(client, uri: str, position: types.Position, automatic: bool = False):
+    kind = types.InlineCompletionTriggerKind.Automatic if automatic else types.InlineCompletionTriggerKind.Invoked
+    return await client.text_document_inline_completion_async(
+        types.InlineCompletionParams(
+            context=types.InlineCompletionContext(trigger_kind=kind),
+            text_document=types.TextDocumentIdentifier(uri=uri),
+            position=position,
+        )
+    )
+
+
+async def inline_text(client, uri: str, position: types.Position) -> str | None:
+    result = await inline(client, uri, position)
+    return result.items[0].insert_text if result.items else None
+
+
+async def command(client, name: str, *arguments, **params):
+    return await client.workspace_execute_command_async(
+        types.ExecuteCommandParams(command=name, arguments=list(arguments), **params)
+    )
+
+
+def raw_request(client, method: str, params, msg_id: str | None = None):
+    """Send a request exactly as given (the typed client API would refuse malformed params)."""
+    from concurrent.futures import Future
+    import uuid
+
+    msg_id = msg_id or f"raw-{uuid.uuid4().hex[:8]}"
+    future = Future()
+    client.protocol._request_futures[msg_id] = future
+    client.protocol._send_data({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
+    return asyncio.wrap_future(future)
+
+
+def fix_args(uri: str, position: types.Position, completion: str, fix: str) -> dict:
+    return {"uri": uri, "position": {"line": position.line, "character": position.character},
+            "completion": completion, "fix": fix}
+
+
+# -- fixtures ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
+    """A tiny random Llama (the shared fixture's) saved as a local HF directory: `--model <dir>`."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm = make_tiny("llama", tokenizer)
+    lm.model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest_asyncio.fixture
+async def client(tiny_model_dir, tmp_path):
+    """A server of its own (for tests that change the weights or the settings)."""
+    c = await start_client(server_command(tiny_model_dir, tmp_path / "adapters"))
+    yield c
+    await stop_client(c)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared(tiny_model_dir, tmp_path_factory):
+    """One server for the read-only tests of this module (starting a server takes seconds)."""
+    c = await start_client(server_command(tiny_model_dir, tmp_path_factory.mktemp("shared-adapters")))
+    yield c
+    await stop_client(c)
+
+
+on_shared = pytest.mark.asyncio(loop_scope="module")
+
+
+# -- tests -----------------------------------------------------------------------------------------------------------
+
+
+@on_shared
+async def test_capabilities_and_ready_status(shared):
+    client = shared
+    caps = client.init_result.capabilities
+    assert caps.inline_completion_provider is not None
+    assert caps.completion_provider is not None
+    assert caps.code_action_provider is not None
+    assert PROTOCOL_COMMANDS <= set(caps.execute_command_provider.commands)
+    assert client.init_result.server_info.name == "star"
+    first, second = client.statuses[:2]
+    assert (first.kind, first.busy, second.kind, second.busy) == ("loading", True, "ready", False)
+    assert second.message.startswith("ready")
+
+
+@on_shared
+async def test_inline_completion_is_the_models_greedy_completion(shared, tiny_model_dir, tokenizer):
+    from star_engine.generate import complete
+    from star_engine.model import load_model
+
+    client = shared
+    text = "def add(a, b):\n    return a + b\n\nprint(add"
+    uri = "file:///tmp/tiny.py"
+    open_doc(client, uri, text)
+    result = await inline(client, uri, end_of(text))
+    lm = load_model(str(tiny_model_dir))
+    expected = complete(lm, text, max_new_tokens=24)   # single line, the default line budget
+    assert expected, "the tiny model writes something here"
+    assert [item.insert_text for item in result.items] == [expected]
+    item = result.items[0]
+    assert item.range == types.Range(start=end_of(text), end=end_of(text))
+    assert item.command.command == "star.completion.accepted"
+    # accepting records it (no error), and the same request is now served from the cache
+    assert await command(client, "star.completion.accepted", *item.command.arguments) is None
+    assert await inline_text(client, uri, end_of(text)) == expected
+    stats = await command(client, "star.stats")
+    assert stats["accepted"] >= 1 and stats["cache"]["hits"] >= 1
+    # typing the first characters of the completion: the rest comes from the cache at once
+    typed = text + expected[:2]
+    client.text_document_did_change(types.DidChangeTextDocumentParams(
+        text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
+        content_changes=[types.TextDocumentContentChangeWholeDocument(text=typed)]))
+    forwarded = (await command(client, "star.stats"))["cache"]["forwardHits"]
+    assert await inline_text(client, uri, end_of(typed)) == expected[2:]
+    assert (await command(client, "star.stats"))["cache"]["forwardHits"] == forwarded + 1
+
+
+async def test_apply_fix_end_to_end_with_progress_and_patch_commands(client, tmp_path):
+    uri = "file:///tmp/fix.py"
+    open_doc(client, uri, FIX_PROMPT)
+    at = end_of(FIX_PROMPT)
+    before = await inline_text(client, uri, at)
+    assert before != FIX
+
+    reply = await command(client, "star.applyFix", fix_args(uri, at, before or "", FIX))
+    assert reply["fixed"] is True and reply["neurons"] > 0 and reply["layers"] and reply["patchId"]
+    assert "fixed" in reply["message"]
+    assert await inline_text(client, uri, at) == FIX
+
+    # $/progress: begin ... end, cancellable; a showMessage saying it is fixed
+    (reports,) = client.progress_reports.values()
+    assert isinstance(reports[0], types.WorkDoneProgressBegin) and reports[0].cancellable
+    assert isinstance(reports[-1], types.WorkDoneProgressEnd) and reports[-1].message == "fixed"
+    assert any(m.type == types.MessageType.Info and "fixed" in m.message for m in client.messages)
+    kinds = [s.kind for s in client.statuses]
+    assert "repairing" in kinds and kinds[-1] in ("ready", "slow")
+
+    # persisted in the adapters folder, listed, toggled, exported, undone
+    patches = await command(client, "star.patches.list")
+    assert [p["id"] for p in patches] == [reply["patchId"]]
+    assert patches[0]["fix"] == FIX and patches[0]["prompt"] == FIX_PROMPT and patches[0]["enabled"]
+    assert (tmp_path / "adapters" / reply["patchId"]).is_dir()
+
+    assert await command(client, "star.patches.setEnabled", {"id": reply["patchId"], "enabled": False}) == \
+        {"id": reply["patchId"], "enabled": False}
+    assert await inline_text(client, uri, at) == before
+    await command(client, "star.patches.setEnabled", {"id": reply["patchId"], "enabled": True})
+    assert await inline_text(client, uri, at) == FIX
+
+    archive = tmp_path / "fix.star.zip"
+    exported = await command(client, "star.patches.export", {"id": reply["patchId"], "path": str(archive)})
+    assert Path(exported["path"]).is_file()
+
+    undone = await command(client, "star.patches.undoLast")
+    assert undone["removed"] == reply["patchId"]
+    assert await inline_text(client, uri, at) == before
+    assert await command(client, "star.patches.list") == []
+    assert (await command(client, "star.patches.undoLast"))["removed"] is None
+
+    imported = await command(client, "star.patches.import", {"path": str(archive)})
+    assert imported["id"]
+    assert await inline_text(client, uri, at) == FIX
+    assert await command(client, "star.patches.remove", {"id": imported["id"]}) == {"removed": imported["id"]}
+    assert await inline_text(client, uri, at) == before
+
+    with pytest.raises(JsonRpcException, match="no-such-patch"):
+        await command(client, "star.patches.remove", {"id": "no-such-patch"})
+
+
+async def test_completions_during_a_repair_use_the_old_weights(client):
+    uri = "file:///tmp/during.py"
+    open_doc(client, uri, FIX_PROMPT)
+    at = end_of(FIX_PROMPT)
+    before = await inline_text(client, uri, at)
+    repair = asyncio.ensure_future(command(client, "star.applyFix", fix_args(uri, at, before, FIX)))
+    await wait_for(lambda: any(s.kind == "repairing" for s in client.statuses), 30, "repairing status")
+    # served while the repair runs: the old weights, never a half-patched model
+    other = "file:///tmp/other.py"
+    open_doc(client, other, FIX_PROMPT + "\n")
+    during = await inline_text(client, other, end_of(FIX_PROMPT + "\n"))
+    if not repair.done():
+        with pytest.raises(JsonRpcException, match="already running"):
+            await command(client, "star.applyFix", fix_args(uri, at, before, "a.sort()"))
+    assert (await repair)["fixed"]
+    assert await inline_text(client, uri, at) == FIX
+    # `during` came from the unpatched weights: the same as before the repair started
+    await command(client, "star.patches.undoLast")
+    assert await inline_text(client, other, end_of(FIX_PROMPT + "\n")) == during
+
+
+async def test_apply_fix_cancelled_through_progress(client):
+    uri = "file:///tmp/cancel-fix.py"
+    open_doc(client, uri, FIX_PROMPT)
+    at = end_of(FIX_PROMPT)
+    before = await inline_text(client, uri, at)
+    token = "cancel-me"
+    client.progress_reports[token] = []
+    repair = asyncio.ensure_future(command(client, "star.applyFix", fix_args(uri, at, before, FIX), work_done_token=token))
+    await wait_for(lambda: client.progress_reports[token], 30, "progress begin")
+    client.protocol.notify(types.WINDOW_WORK_DONE_PROGRESS_CANCEL, types.WorkDoneProgressCancelParams(token=token))
+    reply = await repair
+    if reply["fixed"]:   # the tiny repair can finish before the cancel arrives
+        pytest.skip("the repair finished before the cancellation arrived")
+    assert "cancelled" in reply["message"]
+    assert client.progress_reports[token][-1].message == "cancelled"
+    assert await inline_text(client, uri, at) == before   # weights restored
+    assert await command(client, "star.patches.list") == []
+
+
+@on_shared
+async def test_bad_input_gets_errors_or_empty_results(shared):
+    client = shared
+    uri = "file:///tmp/bad.py"
+    open_doc(client, uri, "x = 1\n")
+    # unknown document, positions outside the text
+    assert not (await inline(client, "file:///tmp/never-opened.py", types.Position(0, 0))).items
+    assert not (await inline(client, uri, types.Position(5, 0))).items
+    assert not (await inline(client, uri, types.Position(0, 99))).items
+    # malformed params: an InvalidParams error, not silence
+    with pytest.raises(JsonRpcException, match="invalid params"):
+        await raw_request(client, types.TEXT_DOCUMENT_INLINE_COMPLETION, {
+            "textDocument": {"uri": uri}, "position": {"line": "zero", "character": 0}, "context": {"triggerKind": 1}})
+    with pytest.raises(JsonRpcException, match="invalid params"):
+        await raw_request(client, types.TEXT_DOCUMENT_COMPLETION, {"textDocument": None, "position": []})
+    # bad command arguments: one-line errors
+    for args, match in [
+        ([], "one argument"),
+        (["text"], "one argument"),
+        ([{"uri": uri, "position": {"line": 0, "character": 0}}], "fix"),
+        ([fix_args(uri, types.Position(9, 0), "", "y")], "outside"),
+        ([fix_args("file:///nope.py", types.Position(0, 0), "", "y")], "not open"),
+        ([fix_args(uri, types.Position(0, 0), "", "  ")], "empty"),
+    ]:
+        with pytest.raises(JsonRpcException, match=match) as e:
+            await command(client, "star.applyFix", *args)
+        assert "\n" not in e.value.message
+    with pytest.raises(JsonRpcException, match="not defined"):
+        await command(client, "star.noSuchCommand")
+    with pytest.raises(JsonRpcException, match="enabled"):
+        await command(client, "star.patches.setEnabled", {"id": "x", "enabled": "yes"})
+    with pytest.raises(JsonRpcException):
+        await command(client, "star.patches.import", {"path": "/nonexistent/adapter"})
+    with pytest.raises(JsonRpcException):
+        await client.protocol.send_request_async("star/noSuchMethod", {})
+    # a huge document and a flood of requests
+    huge = "x = 1\n" * 200_000 + "y = "
+    open_doc(client, "file:///tmp/huge.py", huge)
+    flood = [inline(client, "file:///tmp/huge.py", end_of(huge), automatic=True) for _ in range(50)]
+    results = await asyncio.gather(*flood)
+    assert all(isinstance(r, types.InlineCompletionList) for r in results)
+    # still serving
+    assert isinstance(await inline(client, uri, types.Position(1, 0)), types.InlineCompletionList)
+
+
+async def test_cancel_request_stops_the_generation(tiny_model_dir, tmp_path):
+    # long multi-line generations (the tiny model never stops by itself), so there is time to cancel
+    c = await start_client(server_command(tiny_model_dir, tmp_path / "a"),
+                           options={"maxTokens": 1000, "multiline": "always"})
+    try:
+        uri = "file:///tmp/long.py"
+        open_doc(c, uri, "def f():\n")
+        started = time.monotonic()
+        await inline(c, uri, types.Position(1, 0))
+        full = time.monotonic() - started
+
+        open_doc(c, "file:///tmp/long2.py", "def g():\n")
+        task = asyncio.ensure_future(c.protocol.send_request_async(
+            types.TEXT_DOCUMENT_INLINE_COMPLETION,
+            types.InlineCompletionParams(
+                context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
+                text_document=types.TextDocumentIdentifier(uri="file:///tmp/long2.py"),
+                position=types.Position(1, 0)),
+            msg_id="cancel-me"))
+        await asyncio.sleep(min(0.3, full / 4))
+        c.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="cancel-me"))
+        with pytest.raises(JsonRpcRequestCancelled):
+            await task
+        # the worker is free again at once: the generation stopped instead of running to its end
+        c.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"maxTokens": 4}))
+        open_doc(c, "file:///tmp/short.py", "x = 1\n")
+        t0 = time.monotonic()
+        await inline(c, "file:///tmp/short.py", types.Position(1, 0))
+        assert time.monotonic() - t0 < full / 2, (time.monotonic() - t0, full)
+        assert (await command(c, "star.stats"))["cancelled"] >= 1
+        c.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"maxTokens": 1000}))
+
+        # cancel-previous: a newer request for the same document makes the older one answer empty
+        open_doc(c, "file:///tmp/prev.py", "def h():\n")
+        first = asyncio.ensure_future(inline(c, "file:///tmp/prev.py", types.Position(1, 0), automatic=True))
+        await asyncio.sleep(min(0.3, full / 4))
+        second = asyncio.ensure_future(inline(c, "file:///tmp/prev.py", types.Position(1, 0), automatic=True))
+        assert not (await first).items
+        assert len((await second).items) == 1
+    finally:
+        await stop_client(c)
+
+
+async def test_settings_from_init_options_and_did_change_configuration(tiny_model_dir, tmp_path):
+    c = await start_client(server_command(tiny_model_dir, tmp_path / "a"), options={"maxLineTokens": 3})
+    try:
+        uri = "file:///tmp/s.py"
+        text = "print(add"
+        open_doc(c, uri, text)
+        short = await inline_text(c, uri, end_of(text))
+        c.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+            settings={"star": {"maxLineTokens": 8, "maxTokens": "many"}}))
+        await wait_for(lambda: any("maxTokens" in m.message for m in c.messages), 10, "settings warning")
+        longer = await inline_text(c, uri, end_of(text))
+        assert longer.startswith(short) and len(longer) > len(short)
+    finally:
+        await stop_client(c)
+
+
+@on_shared
+async def test_completion_fallback_for_clients_without_inline(tiny_model_dir, tmp_path, shared):
+    client = shared
+    # a client with inline completion gets nothing from textDocument/completion
+    uri = "file:///tmp/c.py"
+    text = "print(add"
+    open_doc(client, uri, text)
+    listed = await client.text_document_completion_async(
+        types.CompletionParams(text_document=types.TextDocumentIdentifier(uri=uri), position=end_of(text)))
+    assert not listed.items
+    expected = await inline_text(client, uri, end_of(text))
+
+    plain = await start_client(server_command(tiny_model_dir, tmp_path / "b"), capabilities=PLAIN_CAPS)
+    try:
+        open_doc(plain, uri, text)
+        result = await plain.text_document_completion_async(
+            types.CompletionParams(text_document=types.TextDocumentIdentifier(uri=uri), position=end_of(text)))
+        (item,) = result.items
+        assert item.text_edit.new_text == "add" + expected            # replaces the word before the cursor
+        assert item.text_edit.range == types.Range(start=types.Position(0, 6), end=end_of(text))
+        assert item.command.command == "star.completion.accepted"
+    finally:
+        await stop_client(plain)
+
+
+@on_shared
+async def test_code_action_marks_the_shown_completion_wrong(shared):
+    client = shared
+    uri = "file:///tmp/ca.py"
+    text = "print(add"
+    open_doc(client, uri, text)
+    at = end_of(text)
+    shown = await inline_text(client, uri, at)
+
+    def actions(start, end):
+        # raw: lsprotocol's client-side converter reads any CodeAction that has a `command` as a Command
+        return raw_request(client, types.TEXT_DOCUMENT_CODE_ACTION, {
+            "textDocument": {"uri": uri}, "context": {"diagnostics": []},
+            "range": {"start": {"line": start.line, "character": start.character},
+                      "end": {"line": end.line, "character": end.character}}})
+
+    (action,) = await actions(at, at)
+    assert action["title"] == "STAR: mark the completion here as wrong" and action["kind"] == "quickfix"
+    assert action["command"]["command"] == "starRepair.markWrong"
+    assert action["command"]["arguments"] == [{"uri": uri, "position": {"line": 0, "character": 9},
+                                               "completion": shown, "accepted": False}]
+    assert await actions(types.Position(0, 0), types.Position(0, 0)) == []
+
+
+async def test_hot_reload_of_the_adapters_folder(tiny_model_dir, tmp_path):
+    # server A makes a patch in folder A; copying it into server B's folder patches B while it runs
+    a = await start_client(server_command(tiny_model_dir, tmp_path / "A"))
+    try:
+        open_doc(a, "file:///tmp/h.py", FIX_PROMPT)
+        at = end_of(FIX_PROMPT)
+        before = await inline_text(a, "file:///tmp/h.py", at)
+        patch_id = (await command(a, "star.applyFix", fix_args("file:///tmp/h.py", at, before, FIX)))["patchId"]
+    finally:
+        await stop_client(a)
+
+    b = await start_client(server_command(tiny_model_dir, tmp_path / "B"))
+    try:
+        open_doc(b, "file:///tmp/h.py", FIX_PROMPT)
+        assert await inline_text(b, "file:///tmp/h.py", at) == before
+        tmp = tmp_path / "B" / f".incoming-{patch_id}"
+        shutil.copytree(tmp_path / "A" / patch_id, tmp)
+        os.replace(tmp, tmp_path / "B" / patch_id)   # dropped in atomically
+        await wait_for(lambda: any("reloaded" in m.message for m in b.messages), 30, "reload message")
+        assert await inline_text(b, "file:///tmp/h.py", at) == FIX
+        assert [p["id"] for p in await command(b, "star.patches.list")] == [patch_id]
+    finally:
+        await stop_client(b)
+
+
+def test_server_exits_when_the_client_vanishes(tiny_model_dir, tmp_path):
+    """stdin closed in the middle of a generation: the process ends on its own."""
+    import json
+
+    proc = subprocess.Popen(server_command(tiny_model_dir, tmp_path / "a"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def send(message):
+        body = json.dumps(message).encode()
+        proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        proc.stdin.flush()
+
+    send({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+          "params": {"capabilities": {}, "initializationOptions": {"maxTokens": 1000, "multiline": "always"}}})
+    send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
+    send({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
+        "uri": "file:///tmp/v.py", "languageId": "python", "version": 1, "text": "def f():\n"}}})
+    send({"jsonrpc": "2.0", "id": 2, "method": "textDocument/inlineCompletion", "params": {
+        "textDocument": {"uri": "file:///tmp/v.py"}, "position": {"line": 1, "character": 0},
+        "context": {"triggerKind": 1}}})
+    time.sleep(1.0)
+    proc.stdin.close()
+    try:
+        assert proc.wait(timeout=60) is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
