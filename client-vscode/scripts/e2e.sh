@@ -83,7 +83,8 @@ case "${STAR_E2E_SERVER:-}" in
     chmod +x "$SERVER"
     export STAR_FAKE_LOG="$W/fake.log" ;;
   *)
-    SERVER=$(realpath "$STAR_E2E_SERVER") ;;
+    SERVER=$(realpath -m "$STAR_E2E_SERVER")
+    [ -x "$SERVER" ] || { echo "STAR_E2E_SERVER=$STAR_E2E_SERVER is not an executable file"; exit 1; } ;;
 esac
 echo "server ($MODE): $SERVER"
 
