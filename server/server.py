@@ -110,7 +110,7 @@ class StarServer(LanguageServer):
         return self.host.ready
 
     def apply_settings(self, options, *, reload: bool) -> None:
-        new, problems = self.settings.updated(options)
+        new, problems = self.settings.updated(options, self.defaults)
         old, self.settings = self.settings, new
         for problem in problems:
             self._tell(types.MessageType.Warning, f"STAR: {problem}")
@@ -218,7 +218,8 @@ def make_server(defaults: Settings | None = None) -> StarServer:
 
     @server.feature(types.INITIALIZED)
     def initialized(ls: StarServer, params: types.InitializedParams):
-        ls.start_loading()
+        if ls._load_task is None:   # a repeated `initialized` does not reload
+            ls.start_loading()
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
     def did_change_configuration(ls: StarServer, params: types.DidChangeConfigurationParams):

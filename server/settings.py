@@ -26,8 +26,9 @@ class Settings:
         """The settings a completion depends on (part of the cache key)."""
         return (self.max_tokens, self.max_line_tokens, self.context_tokens, self.multiline)
 
-    def updated(self, options: Any) -> tuple["Settings", list[str]]:
-        """A copy with `options` (a dict of camelCase keys) applied; unknown keys are ignored."""
+    def updated(self, options: Any, defaults: "Settings | None" = None) -> tuple["Settings", list[str]]:
+        """A copy with `options` (a dict of camelCase keys) applied; unknown keys are ignored, null or ""
+        puts a key back to its value in `defaults` (the command line's settings)."""
         if options is None:
             return self, []
         if not isinstance(options, dict):
@@ -39,7 +40,7 @@ class Settings:
                 continue
             name, check = spec
             if value is None or value == "":
-                changes[name] = getattr(Settings, name)   # null/empty: back to the default
+                changes[name] = getattr(defaults or Settings(), name)
                 continue
             try:
                 changes[name] = check(value)
