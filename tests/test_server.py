@@ -48,8 +48,10 @@ FIX = "a.reverse()"
 # -- harness (also used by test_server_default.py and test_server_fuzz.py) ---------------------------------------
 
 
-def server_command(model: str | Path, adapters: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "star_server", "--model", str(model), "--adapters", str(adapters), *extra]
+def server_command(model: str | Path | None, adapters: Path, *extra: str) -> list[str]:
+    """`python -m star_server` on `model` (None: the default model) with its own adapters folder."""
+    chosen = ["--model", str(model)] if model is not None else []
+    return [sys.executable, "-m", "star_server", *chosen, "--adapters", str(adapters), *extra]
 
 
 async def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
