@@ -12,7 +12,7 @@ from star_engine.repair import repair, undo
 
 PLANTED = RepairCase(prompt="def add(a, b):\n    return a +", fix=" b")
 # Random tiny models need bigger steps than the real model's defaults.
-TINY = {"sgd": {"lr": "1.0"}, "lora": {"lr": "0.05"}, "mint": {"blend": "10", "layers": "all"}}
+TINY = {"sgd": {"lr": "1.0"}, "lora": {"lr": "0.05"}, "mint": {"blend": "10", "layers": "all", "give_up": "false"}}
 SEED = {"llama": 3}   # seed 0's random llama cannot be fixed by MINT's ten neurons; the others can
 
 
@@ -112,3 +112,22 @@ def test_mint_math():
     h = [torch.tensor([1.0, 0.0, 0.0])]
     t = orthogonalise(torch.tensor([3.0, 4.0, 0.0]), h)
     assert torch.allclose(t, torch.tensor([0.0, 5.0, 0.0]))
+
+
+def test_batched_simulated_editing_equals_patch_forward_undo(tokenizer):
+    from conftest import make_tiny
+    from star_engine.methods.mint.mint import blend_column, gap, simulate
+
+    for family in ("llama", "gpt2"):
+        lm = make_tiny(family, tokenizer)
+        ids = torch.tensor([[5, 17, 300, 42, 7]])
+        tau = torch.randn(lm.arch.d_model, generator=torch.Generator().manual_seed(1))
+        candidates = [(3, 5), (1, 7), (3, 9), (3, 5)]
+        batched = simulate(lm, ids, candidates, tau, 0.5, 11, 12)
+        for (l, j), g in zip(candidates, batched):
+            W = lm.arch.columns(l)
+            old = blend_column(W, j, tau, 0.5)
+            with torch.no_grad():
+                one = gap(lm.model(input_ids=ids).logits[0, -1], 11, 12)
+                W[:, j] = old
+            assert abs(one - g) < 1e-5

@@ -17,6 +17,11 @@ class MintConfig:
         metadata={"help": "patches per failure at most; beyond that the failure's patches are rolled back (skipped)"},
     )
     blend: float = field(default=0.01, metadata={"help": "f in w <- (w + f * tau) / (1 + f)"})
+    give_up: bool = field(
+        default=True,
+        metadata={"help": "end the repair at the first skipped failure (that case cannot pass verification any "
+                          "more); false keeps walking the later tokens, as the reference code does"},
+    )
     orthogonal: bool = field(
         default=False,
         metadata={"help": "project each traction onto the complement of the tractions of earlier fixes "

@@ -10,7 +10,7 @@ from ...semantic import semantic_basis
 from ...session import RepairSession
 from ..base import RepairMethod
 from .config import MintConfig
-from .mint import blend_column, gap, orthogonalise, top_candidates, traction
+from .mint import blend_column, orthogonalise, simulate, top_candidates, traction
 
 
 class MintMethod(RepairMethod):
@@ -22,7 +22,8 @@ class MintMethod(RepairMethod):
         self.skipped = 0                          # failures rolled back (over the patch budget)
         self.patches = 0
         for point in session.failing_points():
-            self._fix_point(session, point)
+            if not self._fix_point(session, point) and self.config.give_up:
+                return
 
     def _layers(self, n: int) -> list[int]:
         start = {"all": 0, "half": n // 2, "quarter": n - max(1, n // 4)}[self.config.layers]
@@ -32,7 +33,7 @@ class MintMethod(RepairMethod):
     def _last_logits(self, session: RepairSession, ids: torch.Tensor) -> torch.Tensor:
         return session.lm.model(input_ids=ids).logits[0, -1]
 
-    def _fix_point(self, session: RepairSession, point: FailurePoint) -> None:
+    def _fix_point(self, session: RepairSession, point: FailurePoint) -> bool:
         cfg, lm, arch = self.config, session.lm, session.arch
         scores = neuron_scores(lm, point.context_ids, point.target, self._layers(arch.n_layers))
         candidates = top_candidates(scores, cfg.candidates)
@@ -44,24 +45,17 @@ class MintMethod(RepairMethod):
         wrong = point.predicted
         for _ in range(cfg.max_patches):
             session.check_cancel()
-            best, best_gap = None, float("inf")
-            for layer, j in candidates:               # simulated editing: patch, look, undo
-                W = arch.columns(layer)
-                old = blend_column(W, j, tau, cfg.blend)
-                g = gap(self._last_logits(session, ids), wrong, point.target)
-                with torch.no_grad():
-                    W[:, j] = old
-                if g < best_gap:
-                    best, best_gap = (layer, j), g
-            layer, j = best
+            gaps = simulate(session.lm, ids, candidates, tau, cfg.blend, wrong, point.target)
+            layer, j = candidates[min(range(len(gaps)), key=gaps.__getitem__)]
             applied.append((layer, j, blend_column(arch.columns(layer), j, tau, cfg.blend)))
             wrong = int(self._last_logits(session, ids).argmax())
             if wrong == point.target:
                 self.patches += len(applied)
                 if cfg.orthogonal:
                     self.history.append(tau / (tau.norm() + 1e-12))
-                return
+                return True
         with torch.no_grad():                         # over budget: roll back this failure's patches
             for layer, j, old in reversed(applied):
                 arch.columns(layer)[:, j] = old
         self.skipped += 1
+        return False

@@ -49,3 +49,38 @@ def blend_column(W: torch.Tensor, j: int, tau: torch.Tensor, f: float) -> torch.
 def gap(logits: torch.Tensor, wrong: int, target: int) -> float:
     p = logits.softmax(-1)
     return float(p[wrong] - p[target])
+
+
+@torch.no_grad()
+def simulate(lm, ids: torch.Tensor, candidates: list[tuple[int, int]], tau: torch.Tensor, f: float,
+             wrong: int, target: int) -> list[float]:
+    """The gap p(wrong) - p(target) with each candidate patched, in one batched forward pass.
+
+    Patching column j of layer l changes that FFN's output by a_lj * (w_new - w_old) at every position;
+    batch row b adds exactly that change for its own candidate (a hook on the output projection), which
+    is the same as patching the weight for that row alone. Equivalent to len(candidates) separate
+    patch / forward / undo rounds, up to float rounding."""
+    arch = lm.arch
+    by_layer: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
+    for b, (l, j) in enumerate(candidates):
+        w = arch.columns(l)[:, j]
+        by_layer.setdefault(l, []).append((b, j, (w + f * tau.to(w.dtype)) / (1 + f) - w))
+    acts: dict[int, torch.Tensor] = {}
+    handles = []
+    for l, edits in by_layer.items():
+        proj = arch.out_proj(l)
+        handles.append(proj.register_forward_pre_hook(lambda m, inp, l=l: acts.__setitem__(l, inp[0])))
+
+        def add(module, inp, out, l=l, edits=edits):
+            out = out.clone()
+            for b, j, dw in edits:
+                out[b] += acts[l][b, :, j : j + 1] * dw
+            return out
+
+        handles.append(proj.register_forward_hook(add))
+    try:
+        logits = lm.model(input_ids=ids.expand(len(candidates), -1)).logits[:, -1]
+    finally:
+        for h in handles:
+            h.remove()
+    return [gap(row, wrong, target) for row in logits]
