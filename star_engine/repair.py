@@ -92,14 +92,22 @@ def _shown(text: str, enc: EncodedCase) -> str:
 
 
 def encode_cases(lm: LoadedModel, cases: list[RepairCase]) -> list[EncodedCase]:
+    return _encode_checked(lm, cases)[0]
+
+
+def _encode_checked(lm: LoadedModel, cases: list[RepairCase]) -> tuple[list[EncodedCase], list[str]]:
+    """The encoded cases and what greedy decoding writes for each now (decoded once, reused as 'before')."""
     if not cases:
         raise RepairInputError("no repair case given")
     encoded = [encode_case(lm, c) for c in cases]
+    texts = []
     for i, enc in enumerate(encoded):
-        if _greedy(lm, enc)[0]:
+        ok, text = _greedy(lm, enc)
+        if ok:
             where = f"case {i + 1}: " if len(cases) > 1 else ""
             raise RepairInputError(f"{where}the model already writes this fix: nothing to repair")
-    return encoded
+        texts.append(text)
+    return encoded, texts
 
 
 def repair(
@@ -115,8 +123,8 @@ def repair(
     bit for bit and the result says why; on success result.patch holds the exact column deltas."""
     repairer = get_method(method, overrides)
     started = time.perf_counter()
-    encoded = encode_cases(lm, cases)
-    before = [(_greedy(lm, e)[1], teacher_forced_argmax(lm, e)) for e in encoded]
+    encoded, texts = _encode_checked(lm, cases)
+    before = [(text, teacher_forced_argmax(lm, e)) for e, text in zip(encoded, texts)]
     snapshot = WeightSnapshot(lm.arch)
     session = RepairSession(lm, encoded, cancel=cancel, progress=progress)
     try:
