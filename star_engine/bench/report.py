@@ -1,0 +1,150 @@
+"""Benchmark outputs: results.json, report.md (the table) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PLOTS = {
+    "em": "em_before_after.png",
+    "time": "seconds_per_case.png",
+    "gen_spec": "generalization_vs_specificity.png",
+}
+
+
+def _f(x, digits=2, pct=False):
+    if x is None:
+        return "–"
+    return f"{100 * x:.0f} %" if pct else f"{x:.{digits}f}"
+
+
+def time_ratios(results: dict, ref: str = "star") -> dict:
+    out = {}
+    if ref not in results:
+        return out
+    for other in ("mint", "sgd", "lora"):
+        if other in results and results[other]["seconds_per_case"]:
+            out[f"{ref}/{other}"] = results[ref]["seconds_per_case"] / results[other]["seconds_per_case"]
+    return out
+
+
+def table(results: dict) -> str:
+    rows = [
+        "| method | cases | fix rate | EM before → after | gen. EM before → after (prompts) | gen. fix rate after "
+        "| spec. unchanged | spec. mean abs Δlog-lik | s / case | neurons / case | layers / case |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, r in results.items():
+        g, s = r["generalization_detail"], r["specificity_detail"]
+        rows.append(
+            f"| {label} | {r['n_cases']} | {_f(r['fix_rate'], pct=True)} | {_f(r['em_before'])} → {_f(r['em_after'])} "
+            f"| {_f(g['em_before'])} → {_f(g['em_after'])} ({g['n_prompts']}) | {_f(g['fix_rate_after'], pct=True)} "
+            f"| {_f(s['unchanged'], pct=True)} | {_f(s['mean_abs_dloglik'], 3)} | {_f(r['seconds_per_case'], 1)} "
+            f"| {_f(r['neurons_per_case'], 0)} | {_f(r['layers_per_case'], 1)} |"
+        )
+    return "\n".join(rows)
+
+
+def sequential_table(results: dict) -> str:
+    rows = ["| method | fixed in sequence | already written | earlier fixes still holding | final fix rate |",
+            "|---|---:|---:|---:|---:|"]
+    for label, r in results.items():
+        q = r.get("sequential")
+        if q:
+            rows.append(f"| {label} | {q['n_fixed']}/{q['n_cases']} | {q['already_written']} | "
+                        f"{_f(q['held'], pct=True)} | {_f(q['final_fix_rate'], pct=True)} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def plot(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results)
+    x = range(len(labels))
+    width = max(6.0, 1.1 * len(labels))
+
+    fig, ax = plt.subplots(figsize=(width, 4))
+    for k, (key, name) in enumerate([("em_before", "EM before"), ("em_after", "EM after"), ("fix_rate", "fix rate")]):
+        ax.bar([i + (k - 1) * 0.27 for i in x], [results[l][key] or 0 for l in labels], 0.27, label=name)
+    ax.set_xticks(list(x), labels, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Effectiveness on the repaired cases")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / PLOTS["em"], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(width, 4))
+    ax.bar(list(x), [results[l]["seconds_per_case"] or 0 for l in labels], color="tab:gray")
+    ax.set_xticks(list(x), labels, rotation=30, ha="right")
+    ax.set_ylabel("seconds per case (wall)")
+    ax.set_title("Repair time")
+    fig.tight_layout()
+    fig.savefig(out / PLOTS["time"], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for l in labels:
+        g = results[l]["generalization_detail"]
+        gain = (g["em_after"] - g["em_before"]) if g["em_after"] is not None else 0.0
+        spec = results[l]["specificity"]
+        ax.scatter([gain], [spec if spec is not None else 1.0])
+        ax.annotate(l, (gain, spec if spec is not None else 1.0), fontsize=8)
+    ax.set_xlabel("generalization: EM gain on other phrasings")
+    ax.set_ylabel("specificity: controls unchanged")
+    ax.set_title("Generalization vs specificity")
+    fig.tight_layout()
+    fig.savefig(out / PLOTS["gen_spec"], dpi=100)
+    plt.close(fig)
+    return list(PLOTS.values())
+
+
+DEFINITIONS = """\
+## Definitions
+
+* **cases**: records whose greedy completion (on the original weights) is not the target, the first N
+  after a seeded shuffle; targets over {max_tokens} tokens are skipped. Every method repairs every case
+  from the same original weights (independent mode).
+* **fix rate**: share of cases whose greedy completion writes the target after the repair (the driver's
+  verification; an unfixed repair is rolled back).
+* **EM before → after**: token ExactMatch (teacher-forced argmax = reference token), mean over cases, before
+  and after the method ran (measured before any roll-back).
+* **generalization**: the same EM on other phrasings of each case (CoNaLa `intent_alt`; records of the file
+  with the same target), after the repair that was kept (a rolled-back repair leaves them as before);
+  **gen. fix rate** = share of those prompts for which greedy decoding writes the target.
+* **specificity**: over the kept repairs, the share of {n_controls} fixed control prompts (a seeded sample of
+  other records) whose greedy first line is unchanged, and the mean absolute change of that line's mean
+  per-token log-likelihood.
+* **s / case**: wall-clock seconds of the repair call (the same driver checks for every method);
+  **neurons / layers per case**: columns / layers changed by the kept patches.
+"""
+
+
+def write(out: Path, results: dict, meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results | {"meta": meta}, indent=2))
+    plots = plot(results, out)
+    ratios = meta.get("time_ratios", {})
+    lines = [
+        f"# Repair benchmark: {meta['data']}",
+        "",
+        f"Model `{meta['model']}`, prompt template `{meta['template']!r}` ({meta['kind']}), seed {meta['seed']}, "
+        f"{meta['n_cases']} cases ({meta['records_checked']} records checked: {meta['already_right']} already "
+        f"right, {meta['too_long']} targets too long), {meta['n_controls']} control prompts.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        table(results),
+        "",
+    ]
+    if ratios:
+        lines += ["Time ratios (same run): " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()), ""]
+    seq = sequential_table(results)
+    if seq:
+        lines += ["## Sequential mode (cumulative repairs, no reset)", "", seq, ""]
+    lines += [f"![{p}]({p})" for p in plots] + [""]
+    lines.append(DEFINITIONS.format(max_tokens=meta["max_target_tokens"], n_controls=meta["n_controls"]))
+    (out / "report.md").write_text("\n".join(lines))
