@@ -27,5 +27,5 @@ def min_norm_prior(Z: torch.Tensor, S: torch.Tensor, mask: torch.Tensor | None =
 
 @torch.no_grad()
 def seme_step(W: torch.Tensor, P: torch.Tensor, G: torch.Tensor, lr: float) -> None:
-    """In place: W += lr * |P| * (-sign G)."""
-    W.add_(lr * P.abs() * -torch.sign(G))
+    """In place: W += lr * |P| * (-sign G), fused (one pass over W, no lr * |P| temporary)."""
+    W.addcmul_(P.abs(), torch.sign(G), value=-lr)
