@@ -1,5 +1,205 @@
-"""`star adapters ...`: placeholder until the patch stack lands."""
+"""`star adapters ...`: the patch stack from the command line.
+
+    star adapters [--dir DIR] [--model M] list | show ID | enable ID | disable ID | remove ID
+                                          | export ID FILE | import FILE | verify
+
+IDs may be abbreviated to any unique prefix. `list`, `show`, `disable`, `remove` and `export` only touch
+files; `enable`, `import` and `verify` load the model (to validate, check regressions and run the cases).
+A running `star serve` watching the same folder follows every change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _common(parser, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "--dir",
+        dest="adapters_dir",
+        default=default,
+        metavar="DIR",
+        help="adapters folder (default: $STAR_ADAPTERS_DIR or the user data dir, e.g. ~/.local/share/star/adapters)",
+    )
+    parser.add_argument("--model", default=default, help="model the stack belongs to (default: smollm2-135m)")
 
 
 def register(sub) -> None:
-    pass
+    p = sub.add_parser("adapters", help="list, enable, share and verify saved repairs (PEFT adapter files)")
+    _common(p, suppress=False)
+    asub = p.add_subparsers(dest="adapters_command", required=True, metavar="COMMAND")
+
+    def cmd(name, func, help_, *args):
+        c = asub.add_parser(name, help=help_)
+        _common(c, suppress=True)
+        for a in args:
+            a(c)
+        c.set_defaults(func=func)
+        return c
+
+    ident = lambda c: c.add_argument("id", metavar="ID", help="adapter id (or a unique prefix)")
+    keep = lambda c: c.add_argument(
+        "--keep-going", action="store_true", help="apply even if it breaks a case an earlier patch fixed"
+    )
+    as_json = lambda c: c.add_argument("--json", action="store_true", help="print JSON")
+    cmd("list", cmd_list, "the patches in stack order", as_json)
+    cmd("show", cmd_show, "details of one patch", ident, as_json)
+    cmd("enable", cmd_enable, "apply a disabled patch again (checks the other patches' cases)", ident, keep)
+    cmd("disable", cmd_disable, "stop applying a patch (its file stays)", ident)
+    cmd("remove", cmd_remove, "delete a patch", ident)
+    cmd(
+        "export", cmd_export, "write a patch as one .star.zip file to share", ident,
+        lambda c: c.add_argument("file", metavar="FILE", help="archive path, or a directory to put ID.star.zip in"),
+    )
+    cmd(
+        "import", cmd_import, "add a colleague's .star.zip (or adapter directory) on top of the stack",
+        lambda c: c.add_argument("file", metavar="FILE"), keep,
+    )
+    cmd("verify", cmd_verify, "re-check every stored case against the model with the stack applied", as_json)
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+
+def _folder(args):
+    from .folder import AdapterFolder
+
+    return AdapterFolder(args.adapters_dir)
+
+
+def _stack(args):
+    from ..model import load_model
+    from .stack import PatchStack
+
+    print(f"loading {args.model or 'smollm2-135m'} ...", file=sys.stderr, flush=True)
+    stack = PatchStack(load_model(args.model), args.adapters_dir)
+    for message in stack.load():
+        print(f"star: warning: {message}", file=sys.stderr)
+    return stack
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} kB"
+
+
+def _cut(text: str, n: int) -> str:
+    text = text.strip().replace("\n", "⏎")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+
+
+def cmd_list(args) -> int:
+    folder = _folder(args)
+    infos = folder.list()
+    if args.json:
+        print(json.dumps([i.to_json() for i in infos], indent=2))
+        return 0
+    if not infos:
+        print(f"no adapters in {folder.path}")
+        return 0
+    rows = [["#", "ID", "ON", "METHOD", "NEURONS", "SIZE", "PROMPT", "FIX"]]
+    for n, i in enumerate(infos, start=1):
+        case = i.cases[0] if i.cases else None
+        rows.append([
+            str(n), i.id, "yes" if i.enabled else "no", i.method, str(i.neurons), _size(i.size_bytes),
+            _cut(case.prompt, 32) if case else "?", _cut(case.fix, 24) if case else "?",
+        ])
+    print(_table(rows))
+    for i in infos:
+        if i.problem:
+            print(f"! {i.id}: {i.problem}")
+    print(f"({len(infos)} adapter(s) in {folder.path})")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .folder import read_meta
+
+    folder = _folder(args)
+    manifest, _, _ = folder.state()
+    adapter_id = folder.resolve(args.id, manifest.order)
+    info = folder.info(adapter_id, manifest.enabled[adapter_id])
+    meta = read_meta(info.path)
+    if args.json:
+        print(json.dumps(info.to_json() | {"star": meta}, indent=2))
+        return 0
+    base = meta.get("base_model") or {}
+    print(f"id:       {info.id}")
+    print(f"name:     {info.name}")
+    print(f"enabled:  {'yes' if info.enabled else 'no'}")
+    print(f"created:  {info.created}")
+    print(f"method:   {info.method} {json.dumps(meta.get('config') or {})}")
+    print(f"model:    {base.get('name', '?')} ({base.get('model_type', '?')}, {base.get('n_layers', '?')} layers)")
+    print(f"patch:    {info.neurons} neuron(s) in layer(s) {info.layers}")
+    print(f"size:     {_size(info.size_bytes)}  ({info.path})")
+    for n, c in enumerate(info.cases, start=1):
+        print(f"case {n}:")
+        print(f"  prompt: {c.prompt!r}")
+        print(f"  wrong:  {c.wrong!r}")
+        print(f"  fix:    {c.fix!r}")
+    if info.problem:
+        print(f"problem:  {info.problem}")
+    return 0
+
+
+def cmd_enable(args) -> int:
+    info = _stack(args).set_enabled(args.id, True, keep_going=args.keep_going)
+    for m in info.messages:
+        print(f"star: warning: {m}", file=sys.stderr)
+    print(f"enabled {info.id}")
+    return 0
+
+
+def cmd_disable(args) -> int:
+    folder = _folder(args)
+    manifest = folder.set_enabled(args.id, False)
+    adapter_id = folder.resolve(args.id, manifest.order)
+    print(f"disabled {adapter_id}")
+    return 0
+
+
+def cmd_remove(args) -> int:
+    print(f"removed {_folder(args).remove(args.id)}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    print(f"exported to {_folder(args).export(args.id, args.file)}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    info = _stack(args).import_(args.file, keep_going=args.keep_going)
+    for m in info.messages:
+        print(f"star: warning: {m}", file=sys.stderr)
+    print(f"imported {info.id}: {info.neurons} neuron(s), {len(info.cases)} case(s)")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    stack = _stack(args)
+    rows = stack.verify()
+    if args.json:
+        print(json.dumps([r.to_json() for r in rows], indent=2))
+    elif not rows:
+        print(f"no stored cases in {stack.path}")
+    else:
+        table = [["ID", "CASE", "PROMPT", "FIX", "WRITES NOW", "FIXED"]]
+        for r in rows:
+            status = ("yes" if r.fixed else "NO") if r.enabled else ("(disabled) " + ("yes" if r.fixed else "no"))
+            table.append([r.id, str(r.case), _cut(r.prompt, 32), _cut(r.fix, 24), _cut(r.wrote, 24), status])
+        print(_table(table))
+        bad = sum(1 for r in rows if r.enabled and not r.fixed)
+        held = sum(1 for r in rows if r.enabled and r.fixed)
+        print(f"{held} of {held + bad} case(s) of enabled patches still fixed")
+    return 0 if all(r.fixed for r in rows if r.enabled) else 1

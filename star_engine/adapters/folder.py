@@ -1,0 +1,415 @@
+"""The adapters folder on disk, without a model: adapter directories plus the manifest `stack.json`.
+
+Layout:
+
+    <folder>/stack.json              {"version": 1, "order": [id, ...], "enabled": {id: bool}}
+    <folder>/<id>/adapter_config.json, adapter_model.safetensors, star.json
+    <folder>/.tmp-*, .trash-*, .lock, .stack.json.tmp-*   (ignored by every reader and the watcher)
+
+Every write is atomic (temp + fsync + rename; the manifest last), so whatever moment a writer dies at, the
+folder reads as the previous state or the new one. An adapter directory not in the manifest (dropped in by
+hand) is appended; an entry whose directory is gone is dropped with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+from .format import (
+    ADAPTER_FILES,
+    MAX_BYTES,
+    META_NAME,
+    WEIGHTS_NAME,
+    AdapterError,
+    atomic_write_file,
+    meta_cases,
+    valid_name,
+)
+
+MANIFEST = "stack.json"
+MANIFEST_VERSION = 1
+ARCHIVE_SUFFIX = ".star.zip"
+_STALE_SECONDS = 3600      # leftover temp dirs older than this are deleted on load
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: in-process locking only
+    fcntl = None
+
+
+def default_folder() -> Path:
+    """$STAR_ADAPTERS_DIR, else the user's data dir (e.g. ~/.local/share/star/adapters)."""
+    env = os.environ.get("STAR_ADAPTERS_DIR")
+    return Path(env).expanduser() if env else Path(platformdirs.user_data_dir("star")) / "adapters"
+
+
+@dataclass
+class Manifest:
+    order: list[str] = field(default_factory=list)
+    enabled: dict[str, bool] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        data = {"version": MANIFEST_VERSION, "order": self.order, "enabled": {i: self.enabled.get(i, True) for i in self.order}}
+        return (json.dumps(data, indent=2) + "\n").encode()
+
+    def copy(self) -> "Manifest":
+        return Manifest(list(self.order), dict(self.enabled))
+
+    def same(self, other: "Manifest") -> bool:
+        return self.to_bytes() == other.to_bytes()
+
+
+@dataclass
+class PatchInfo:
+    """One entry of the stack, for listing."""
+
+    id: str
+    name: str
+    enabled: bool
+    applied: bool                  # its deltas are in the model now (False without a model)
+    method: str
+    created: str
+    cases: list                    # RepairCase
+    layers: list[int]
+    neurons: int
+    size_bytes: int
+    path: Path
+    problem: str | None = None     # why an enabled patch is not applied / cannot be read
+    messages: list[str] = field(default_factory=list)   # e.g. regressions accepted with keep_going
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "enabled": self.enabled,
+            "applied": self.applied,
+            "method": self.method,
+            "created": self.created,
+            "cases": [c.to_dict() for c in self.cases],
+            "layers": self.layers,
+            "neurons": self.neurons,
+            "size_bytes": self.size_bytes,
+            "path": str(self.path),
+            "problem": self.problem,
+            "messages": self.messages,
+        }
+
+
+def read_meta(directory: Path) -> dict:
+    """star.json, tolerantly (for listing): {} when missing or unreadable."""
+    try:
+        p = directory / META_NAME
+        if p.stat().st_size > 4 * 2**20:
+            return {}
+        data = json.loads(p.read_bytes())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def dir_signature(directory: Path) -> tuple:
+    """Changes when any file of the directory is added, removed, resized or rewritten."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()))
+    except OSError:
+        return ()
+
+
+class AdapterFolder:
+    """The folder: manifest, adapter directories, archives. Safe against concurrent writers in other
+    processes (an flock on `.lock`) and in this one (a lock)."""
+
+    def __init__(self, path=None):
+        self.path = Path(path).expanduser() if path is not None else default_folder()
+        self._tlock = threading.RLock()
+        self._depth = 0
+        self._lock_fd = None
+
+    # -- locking ------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def locked(self):
+        with self._tlock:
+            if self._depth == 0:
+                self.path.mkdir(parents=True, exist_ok=True)
+                if fcntl is not None:
+                    self._lock_fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._lock_fd is not None:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
+
+    # -- reading --------------------------------------------------------------------------------------------
+
+    def adapter_dirs(self) -> list[str]:
+        """Names of the candidate adapter directories (dot-names are temp files and ignored)."""
+        try:
+            entries = list(os.scandir(self.path))
+        except FileNotFoundError:
+            return []
+        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+
+    def read_manifest(self) -> tuple[Manifest, list[str]]:
+        """The manifest as stored (empty when absent); unreadable -> empty plus a warning."""
+        p = self.path / MANIFEST
+        try:
+            raw = p.read_bytes()
+        except FileNotFoundError:
+            return Manifest(), []
+        except OSError as e:
+            return Manifest(), [f"cannot read {MANIFEST}: {e.strerror}; rebuilt from the folder"]
+        try:
+            data = json.loads(raw)
+            order = [str(i) for i in data["order"]]
+            enabled = {str(k): bool(v) for k, v in (data.get("enabled") or {}).items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return Manifest(), [f"{MANIFEST} is unreadable; rebuilt from the folder"]
+        seen, dedup = set(), []
+        for i in order:
+            if i not in seen:
+                seen.add(i)
+                dedup.append(i)
+        return Manifest(dedup, {i: enabled.get(i, True) for i in dedup}), []
+
+    def state(self) -> tuple[Manifest, list[str], list[str]]:
+        """The manifest reconciled with the directories present: (manifest, new ids, messages). New
+        directories are appended, oldest star.json `created` first, enabled."""
+        stored, messages = self.read_manifest()
+        present = set(self.adapter_dirs())
+        for gone in [i for i in stored.order if i not in present]:
+            messages.append(f"{gone}: its directory is gone; dropped from the stack")
+        order = [i for i in stored.order if i in present]
+        new = sorted(present - set(order), key=lambda i: (str(read_meta(self.path / i).get("created", "")), i))
+        order += new
+        enabled = {i: stored.enabled.get(i, True) for i in order}
+        return Manifest(order, enabled), new, messages
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        with self.locked():
+            atomic_write_file(self.path / MANIFEST, manifest.to_bytes())
+
+    def resolve(self, ref: str, ids: list[str] | None = None) -> str:
+        """An id from an exact id or a unique prefix."""
+        ids = ids if ids is not None else self.state()[0].order
+        if ref in ids:
+            return ref
+        hits = [i for i in ids if i.startswith(ref)]
+        if len(hits) == 1:
+            return hits[0]
+        if not hits:
+            raise AdapterError(f"no adapter {ref!r} in {self.path}")
+        raise AdapterError(f"{ref!r} is ambiguous: {', '.join(hits[:5])}")
+
+    def info(self, adapter_id: str, enabled: bool, applied: bool = False, problem: str | None = None) -> PatchInfo:
+        directory = self.path / adapter_id
+        meta = read_meta(directory)
+        neurons = meta.get("n_neurons")
+        try:
+            size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+        except OSError:
+            size = 0
+        if not meta and problem is None:
+            problem = f"no readable {META_NAME}"
+        return PatchInfo(
+            id=adapter_id,
+            name=str(meta.get("name") or adapter_id),
+            enabled=enabled,
+            applied=applied,
+            method=str(meta.get("method") or "?"),
+            created=str(meta.get("created") or ""),
+            cases=meta_cases(meta),
+            layers=[int(l) for l in meta.get("layers") or [] if isinstance(l, int)],
+            neurons=int(neurons) if isinstance(neurons, int) else 0,
+            size_bytes=size,
+            path=directory,
+            problem=problem,
+        )
+
+    def list(self) -> list[PatchInfo]:
+        manifest, _, _ = self.state()
+        return [self.info(i, manifest.enabled[i]) for i in manifest.order]
+
+    # -- writing --------------------------------------------------------------------------------------------
+
+    def set_enabled(self, adapter_id: str, enabled: bool) -> Manifest:
+        with self.locked():
+            manifest, _, _ = self.state()
+            adapter_id = self.resolve(adapter_id, manifest.order)
+            manifest.enabled[adapter_id] = enabled
+            self.write_manifest(manifest)
+            return manifest
+
+    def delete_dir(self, adapter_id: str) -> None:
+        """Remove an adapter directory atomically: rename it to a dot-name first, then delete that."""
+        src = self.path / adapter_id
+        if not src.exists():
+            return
+        trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=self.path))
+        os.replace(src, trash / adapter_id)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def remove(self, adapter_id: str) -> str:
+        """Drop an adapter from the manifest, then delete its directory. Returns the id."""
+        with self.locked():
+            manifest, _, _ = self.state()
+            adapter_id = self.resolve(adapter_id, manifest.order)
+            manifest.order.remove(adapter_id)
+            manifest.enabled.pop(adapter_id, None)
+            # Directory first: a crash in between leaves a manifest entry without a directory (dropped on
+            # the next load), never an unlisted directory (which would come back as a new patch).
+            self.delete_dir(adapter_id)
+            self.write_manifest(manifest)
+            return adapter_id
+
+    def clean_stale(self) -> None:
+        """Delete temp/trash directories left by writers that died (older than an hour)."""
+        now = time.time()
+        try:
+            entries = list(os.scandir(self.path))
+        except FileNotFoundError:
+            return
+        for e in entries:
+            if e.name.startswith((".tmp-", ".trash-", f".{MANIFEST}.tmp-")):
+                try:
+                    if now - e.stat(follow_symlinks=False).st_mtime > _STALE_SECONDS:
+                        if e.is_dir(follow_symlinks=False):
+                            shutil.rmtree(e.path, ignore_errors=True)
+                        else:
+                            os.unlink(e.path)
+                except OSError:
+                    pass
+
+    # -- sharing --------------------------------------------------------------------------------------------
+
+    def export(self, adapter_id: str, destination) -> Path:
+        """Write one adapter as a single `.star.zip` archive (stored, not compressed: the weights are
+        floats). An existing directory (or a path ending in /) gets `<id>.star.zip` inside it; a file name
+        without `.zip` gets `.star.zip` appended."""
+        with self.locked():
+            adapter_id = self.resolve(adapter_id)
+            src = self.path / adapter_id
+            missing = [f for f in ADAPTER_FILES if not (src / f).is_file()]
+            if missing:
+                raise AdapterError(f"{adapter_id} is incomplete (missing {', '.join(missing)})")
+            dest = Path(destination).expanduser()
+            if dest.is_dir() or str(destination).endswith(("/", os.sep)):
+                dest = dest / f"{adapter_id}{ARCHIVE_SUFFIX}"
+            elif not dest.name.endswith(".zip"):
+                dest = dest.with_name(dest.name + ARCHIVE_SUFFIX)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
+                        for name in ADAPTER_FILES:
+                            z.write(src / name, f"{adapter_id}/{name}")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, dest)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            return dest
+
+
+def unpack_archive(archive: Path, into: Path, *, max_bytes: int = MAX_BYTES) -> tuple[Path, str]:
+    """Check a `.star.zip` and extract it into the (empty) directory `into`. Every member is checked before
+    anything is written: known file names only, one adapter directory at most, no absolute or `..`
+    paths, no links, sizes within the limit. Returns (adapter dir, suggested id)."""
+    if not zipfile.is_zipfile(archive):
+        raise AdapterError(f"{archive.name} is not a zip archive (expected a {ARCHIVE_SUFFIX} file)")
+    try:
+        z = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise AdapterError(f"{archive.name} is not a valid zip archive ({e})") from None
+    with z:
+        members = [m for m in z.infolist() if not m.is_dir()]
+        if len(members) > len(ADAPTER_FILES) + 1:
+            raise AdapterError(f"{archive.name} has {len(members)} files; an adapter archive has {len(ADAPTER_FILES)}")
+        allowed = set(ADAPTER_FILES) | {"README.md"}
+        tops, total, chosen = set(), 0, {}
+        for m in members:
+            name = m.filename
+            parts = name.split("/")
+            if name.startswith("/") or "\\" in name or ":" in name or any(p in ("", ".", "..") for p in parts):
+                raise AdapterError(f"{archive.name}: unsafe path {name!r} in the archive")
+            if len(parts) > 2:
+                raise AdapterError(f"{archive.name}: unexpected nested path {name!r}")
+            if (m.external_attr >> 16) & 0o170000 == 0o120000:
+                raise AdapterError(f"{archive.name}: {name!r} is a symbolic link")
+            if parts[-1] not in allowed:
+                if parts[-1].lower().endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")):
+                    raise AdapterError(f"{archive.name}: {parts[-1]} is a pickle file; only safetensors are accepted")
+                raise AdapterError(f"{archive.name}: unexpected file {name!r}")
+            tops.add(parts[0] if len(parts) == 2 else "")
+            if parts[-1] in chosen:
+                raise AdapterError(f"{archive.name}: {parts[-1]} appears twice")
+            chosen[parts[-1]] = m
+            total += m.file_size
+        if len(tops) != 1:
+            raise AdapterError(f"{archive.name} holds more than one adapter")
+        if total > max_bytes + 8 * 2**20:
+            raise AdapterError(f"{archive.name} unpacks to {total / 2**20:.0f} MB, over the limit")
+        missing = [f for f in ADAPTER_FILES if f not in chosen]
+        if missing:
+            raise AdapterError(f"{archive.name} is not a STAR adapter (missing {', '.join(missing)})")
+        top = tops.pop()
+        for name in ADAPTER_FILES:
+            m = chosen[name]
+            limit = m.file_size
+            written = 0
+            try:
+                with z.open(m) as src, open(into / name, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > limit:
+                            raise AdapterError(f"{archive.name}: {name} is larger than declared")
+                        dst.write(chunk)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+            except (zipfile.BadZipFile, zlib_error(), EOFError, OSError) as e:
+                raise AdapterError(f"{archive.name} is corrupted ({e.__class__.__name__}: {str(e)[:60]})") from None
+    suggested = top[: -len(".star")] if top.endswith(".star") else top
+    if not suggested or not valid_name(suggested):
+        suggested = archive.name[: -len(ARCHIVE_SUFFIX)] if archive.name.endswith(ARCHIVE_SUFFIX) else archive.stem
+    return into, suggested
+
+
+def zlib_error():
+    import zlib
+
+    return zlib.error
+
+
+def copy_adapter_dir(src: Path, into: Path) -> None:
+    """Copy an adapter directory's known files (no links, no pickles) into `into`."""
+    for p in src.iterdir():
+        if p.name.lower().endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")):
+            raise AdapterError(f"{p.name} is a pickle file: only safetensors adapters are accepted (never pickle)")
+    for name in ADAPTER_FILES:
+        p = src / name
+        if p.is_symlink():
+            raise AdapterError(f"{name} is a symbolic link")
+        if not p.is_file():
+            if name == WEIGHTS_NAME:
+                raise AdapterError(f"no {WEIGHTS_NAME} in {src.name}")
+            raise AdapterError(f"{name} is missing in {src.name}")
+        shutil.copyfile(p, into / name)
