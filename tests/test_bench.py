@@ -54,6 +54,8 @@ def test_settings_and_variants():
     assert all(r.overrides["steps"] == "5" for r in rows if r.method == "star")
     with pytest.raises(ValueError):
         variants(["star"], {"star": {"nope": "1"}}, ablation=False)
+    picked = variants([], {}, ablation="dense,layer 1/16")
+    assert [r.label for r in picked] == ["star[all layers, dense, token]", "star[layer 1/16]"]
 
 
 def test_cases_alternates_and_controls(tiny_llama, records_file):

@@ -18,7 +18,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="shuffle / control-sample seed")
     p.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE",
                    help="method setting, e.g. --set star.layer_ratio=0.25 (repeatable)")
-    p.add_argument("--ablation", action="store_true", help="also run the STAR ablation grid (layers, sparsity, mode)")
+    p.add_argument("--ablation", nargs="?", const="all", metavar="PICK",
+                   help="also run the STAR ablation grid (layers, sparsity, mode); optional PICK = comma-separated "
+                        "parts of grid labels to run only those, e.g. 'dense,top 1/4,layer 1/16'")
     p.add_argument("--sequential", action="store_true", help="also run every method over all cases without reset")
     p.add_argument("--kind", choices=["python", "bash", "asm"], help="prompt template (default: from the file path)")
     p.add_argument("--controls", type=int, default=10, help="control prompts for specificity")

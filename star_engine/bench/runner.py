@@ -45,10 +45,16 @@ ABLATION: list[tuple[str, dict]] = [
 ]
 
 
-def variants(methods: list[str], settings: dict[str, dict], ablation: bool) -> list[Variant]:
+def variants(methods: list[str], settings: dict[str, dict], ablation: bool | str) -> list[Variant]:
+    """The table's rows: the methods, then (ablation true / "all", or a comma-separated pick of parts of
+    the grid labels) the STAR grid."""
     out = [Variant(m, m, dict(settings.get(m, {}))) for m in methods]
     if ablation:
-        out += [Variant(label, "star", dict(settings.get("star", {})) | grid) for label, grid in ABLATION]
+        picks = None if ablation in (True, "all") else [p.strip() for p in str(ablation).split(",") if p.strip()]
+        grid = [(label, g) for label, g in ABLATION if picks is None or any(p in label for p in picks)]
+        if not grid:
+            raise ValueError(f"--ablation {ablation!r} matches no grid label: {[label for label, _ in ABLATION]}")
+        out += [Variant(label, "star", dict(settings.get("star", {})) | g) for label, g in grid]
     for v in out:
         get_method(v.method, v.overrides)    # fail early on a bad method or setting
     return out
