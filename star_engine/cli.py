@@ -89,9 +89,18 @@ def _print_result(result, saved: str | None) -> None:
     status = "fixed" if result.fixed else "NOT fixed"
     print(f"{status} by {result.method} in {result.seconds:.1f} s: {result.reason}")
     if result.fixed:
-        print(f"patched {result.neurons} neuron(s) in layer(s) {result.layers}")
+        print(f"patched {result.neurons} neuron(s) in {_layer_span(result.layers)}")
     if saved:
         print(f"adapter saved to {saved}")
+
+
+def _layer_span(layers: list[int]) -> str:
+    """[3] -> 'layer 3'; [0..29] -> '30 layers (0-29)'; [2, 5, 9] -> '3 layers (2, 5, 9)'."""
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
+    contiguous = layers == list(range(layers[0], layers[-1] + 1))
+    listed = f"{layers[0]}-{layers[-1]}" if contiguous else ", ".join(map(str, layers))
+    return f"{len(layers)} layers ({listed})"
 
 
 def cmd_demo(args) -> int:
