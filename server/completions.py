@@ -150,7 +150,7 @@ class CompletionService:
             max_line_tokens=settings.max_line_tokens,
         )
         generated, version = host.complete(uri, prompt, cancel)
-        text = postprocess(generated.text, prompt, prefix_end=context.prefix[-1:])
+        text = postprocess(generated.text, prompt)
         log.debug(
             "completion %.0f ms (prompt %d tokens, %d reused, %d new): %r",
             generated.seconds * 1000, generated.prompt_tokens, generated.reused_tokens, generated.new_tokens, text,

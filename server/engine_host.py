@@ -143,6 +143,7 @@ class EngineHost:
                 max_new_tokens=prompt.max_new_tokens,
                 multiline=prompt.multiline,
                 base_indent=prompt.base_indent,
+                heal=prompt.heal,
                 cancel=cancel,
                 key=key,
             )

@@ -47,7 +47,9 @@ def _arg_object(args: tuple, *required: str) -> dict:
 
 
 def _string(obj: dict, name: str, *, allow_empty: bool = True) -> str:
-    value = obj.get(name, "")
+    value = obj.get(name)
+    if value is None and allow_empty:
+        return ""
     if not isinstance(value, str):
         raise JsonRpcInvalidParams(f"{name} must be a string")
     if not allow_empty and not value.strip():

@@ -1,18 +1,27 @@
-"""Greedy completion for the editor, with a reused KV cache and cooperative cancellation.
+"""Greedy completion for the editor: token healing, a reused KV cache and cooperative cancellation.
 
-Same decoding as `star_engine.generate.complete` (greedy, no special tokens added, the engine's
-`cut_completion` stop rules), plus what an editor needs for latency:
+The same decoding as `star_engine.generate.complete` (greedy, no special tokens added, the engine's
+`cut_completion` stop rules), plus what an editor needs:
 
-* The KV cache of the previous prompt in the same document is kept; the next prompt usually shares
-  all but its last few tokens with it (the user typed a character), so only those are computed.
+* Token healing. A prompt cut at the cursor often ends in the middle of what the tokenizer would have
+  made one token: "\\n" before an indented line ("\\n    " is one token), " " before a word (" sorted"),
+  "os.wa" before "walk". Left as is, the model sees an unnatural last token and writes a blank line, a
+  double space or a different word. So the prompt's last token is left out (`build_prompt` does that and
+  records its text as `heal`) and decoding is constrained until it has spelled `heal` again: each token
+  must either start with what is left of `heal` or be a prefix of it. `heal` is then stripped from the
+  result. A repair uses the same prompt with `heal + fix` as its target, so the repaired model writes the
+  fix through this same constrained path.
+* The KV cache of the previous prompt in the same document is kept; the next prompt usually shares all
+  but its last token or two with it (the user typed a character), so only those are computed.
 * Cancellation is checked between prefill chunks and between tokens (`GenerationCancelled`).
 * Only the last position's logits are computed (`logits_to_keep=1`) where the model supports it.
 
-One `Generator` per serving model; it is used from one worker thread at a time.
+One `Generator` per serving model, used from one worker thread at a time.
 """
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import threading
 import time
@@ -28,11 +37,12 @@ from star_engine.model import LoadedModel
 
 PREFILL_CHUNK = 128
 KV_DOCUMENTS = 4     # documents whose KV cache is kept
+_MAX_CHAR = "\U0010ffff"
 
 
 @dataclass
 class Generated:
-    text: str                # cut at the editor's natural end
+    text: str                # cut at the editor's natural end, `heal` removed
     ended: bool              # a natural end (stop rule or end-of-sequence), not the token limit
     prompt_tokens: int
     reused_tokens: int       # prompt tokens served from the KV cache
@@ -54,6 +64,39 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+class Vocabulary:
+    """Token texts, for the healing constraint: which tokens spell the start of a string, or a prefix of it."""
+
+    def __init__(self, tokenizer, size: int, special: set[int]):
+        n = min(size, len(tokenizer))
+        texts = tokenizer.batch_decode([[i] for i in range(n)]) + [""] * (size - n)
+        self.texts = texts
+        usable = [(t, i) for i, t in enumerate(texts) if t and i not in special]
+        usable.sort()
+        self._sorted = [t for t, _ in usable]
+        self._ids = [i for _, i in usable]
+        self._exact: dict[str, list[int]] = {}
+        for t, i in usable:
+            self._exact.setdefault(t, []).append(i)
+        self._allowed: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def allowed(self, rest: str) -> torch.Tensor:
+        """Ids of the tokens that start with `rest` or are a (non-empty) prefix of it."""
+        hit = self._allowed.get(rest)
+        if hit is None:
+            lo = bisect.bisect_left(self._sorted, rest)
+            hi = bisect.bisect_left(self._sorted, rest + _MAX_CHAR)
+            ids = self._ids[lo:hi]
+            for k in range(1, len(rest)):
+                ids = ids + self._exact.get(rest[:k], [])
+            hit = torch.tensor(sorted(set(ids)), dtype=torch.long)
+            self._allowed[rest] = hit
+            while len(self._allowed) > 512:
+                self._allowed.popitem(last=False)
+        self._allowed.move_to_end(rest)
+        return hit
+
+
 class Generator:
     def __init__(self, lm: LoadedModel):
         self.lm = lm
@@ -64,6 +107,8 @@ class Generator:
         self.stop_ids = stop
         params = inspect.signature(lm.model.forward).parameters
         self._logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        size = lm.model.get_output_embeddings().weight.shape[0]
+        self.vocab = Vocabulary(tok, size, stop)
         self._kv: OrderedDict[str, _KV] = OrderedDict()
         self._lock = threading.Lock()   # defensive: the server calls from one worker thread
 
@@ -94,6 +139,7 @@ class Generator:
         max_new_tokens: int,
         multiline: bool = False,
         base_indent: int = 0,
+        heal: str = "",
         cancel: threading.Event | None = None,
         key: str = "",
     ) -> Generated:
@@ -109,14 +155,13 @@ class Generator:
             elif keep < len(kv.fed):
                 kv.cache.crop(keep - len(kv.fed))
                 del kv.fed[keep:]
-            reused = keep
             try:
-                return self._decode(kv, ids, reused, max_new_tokens, multiline, base_indent, cancel, started)
+                return self._decode(kv, ids, keep, max_new_tokens, multiline, base_indent, heal, cancel, started)
             except BaseException:
                 self._kv.pop(key, None)   # the cache may be half-extended: drop it
                 raise
 
-    def _decode(self, kv, ids, reused, max_new_tokens, multiline, base_indent, cancel, started) -> Generated:
+    def _decode(self, kv, ids, reused, max_new_tokens, multiline, base_indent, heal, cancel, started) -> Generated:
         def check():
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled()
@@ -126,19 +171,29 @@ class Generator:
             check()
             logits = self._forward(kv, pending[i : i + PREFILL_CHUNK])
         new: list[int] = []
+        rest = heal          # what the next tokens must still spell
         ended = False
         text = ""
+        limit = max_new_tokens + len(heal)   # healing tokens do not count against the limit
         while True:
-            token = int(logits.argmax())
-            if token in self.stop_ids:
-                ended = True
-                break
+            if rest:
+                allowed = self.vocab.allowed(rest)
+                token = int(allowed[logits[allowed].argmax()])
+                spelled = self.vocab.texts[token]
+                rest = rest[len(spelled):] if rest.startswith(spelled) else ""
+            else:
+                token = int(logits.argmax())
+                if token in self.stop_ids:
+                    ended = True
+                    break
             new.append(token)
-            text = self.lm.tokenizer.decode(new, skip_special_tokens=True)
-            if cut_completion(text, multiline, base_indent)[1]:
-                ended = True
-                break
-            if len(new) >= max_new_tokens:
+            if not rest:
+                text = self.lm.tokenizer.decode(new, skip_special_tokens=True)
+                text = text[len(heal):] if text.startswith(heal) else text
+                if cut_completion(text, multiline, base_indent)[1]:
+                    ended = True
+                    break
+            if len(new) >= limit:
                 break
             check()
             logits = self._forward(kv, [token])

@@ -35,13 +35,18 @@ def info_json(info) -> dict | None:
     data.pop("result", None)
     cases = getattr(info, "cases", None) or []
     first = cases[0] if cases else None
+    prompt = first.prompt if first else data.get("prompt", "")
+    fix = first.fix if first else data.get("fix", "")
+    # The stored case starts the fix with the prompt's healed last token (prompting.py); show the
+    # whitespace part of it where the user sees it, at the end of the code before the cursor.
+    lead = fix[: len(fix) - len(fix.lstrip())]
     out = {
         "id": str(data.get("id")),
         "enabled": bool(data.get("enabled", True)),
         "method": data.get("method", ""),
-        "prompt": first.prompt if first else data.get("prompt", ""),
+        "prompt": prompt + lead,
         "completion": (first.wrong or "") if first else data.get("completion", ""),
-        "fix": first.fix if first else data.get("fix", ""),
+        "fix": fix[len(lead):],
         "neurons": data.get("neurons", 0),
         "layers": list(data.get("layers") or []),
         "created": data.get("created", ""),

@@ -7,14 +7,13 @@ Two steps, so that the event loop never touches the tokenizer:
   prompt, so it is also the completion cache's key (and typing into a shown completion is
   `context.extended(typed)`).
 * `build_prompt(context, tokenizer, ...)` (in the model worker) cuts the prefix to the token budget at a
-  line start, decides single- vs multi-line, applies "whitespace healing" and, for models that have
+  line start, decides single- vs multi-line, applies token healing and, for models that have
   fill-in-the-middle tokens, adds the suffix.
 
-Whitespace healing: a prompt ending in spaces is out of distribution for BPE tokenizers (the model
-would write `x =  1` or ` read()` after `f.`), so trailing spaces/tabs of the cursor line are left out
-of the prompt and removed again from the start of the completion. A repair uses the same prompt, with
-the healed whitespace put back in front of the fix, so the repaired model writes exactly what the
-completion path expects.
+Token healing: the prompt's last token is left out and its text recorded as `heal`; the generator
+spells it again under a constraint and strips it (see generation.py), so a prompt ending in a space, a
+newline before an indented line or half a word completes naturally. A repair uses the same prompt with
+`heal + fix` as its target, so the repaired model writes the fix through the same path.
 """
 
 from __future__ import annotations
@@ -68,7 +67,7 @@ class Context:
 @dataclass(frozen=True)
 class Prompt:
     text: str                 # what the model reads
-    heal: str                 # whitespace left out at the end; stripped again from the completion
+    heal: str                 # the text of the prompt's last token, left out (token healing)
     multiline: bool
     base_indent: int          # multi-line: stop at a line indented less than this
     max_new_tokens: int
@@ -172,10 +171,9 @@ def build_prompt(
     max_tokens: int = 48,
     max_line_tokens: int = 24,
 ) -> Prompt:
-    line_before, line_after = context.line_before, context.line_after
+    line_after = context.line_after
     is_multi, base_indent = decide_mode(context.prefix, line_after, multiline)
-    heal = line_before[len(line_before.rstrip(" \t")) :]
-    prefix = context.prefix[: len(context.prefix) - len(heal)]
+    prefix = context.prefix
 
     after_lines = context.suffix.split("\n")[1:]
     next_line = next((l for l in after_lines if l.strip()), "")
@@ -186,7 +184,11 @@ def build_prompt(
         suffix = _fit_suffix(tokenizer, context.suffix, budget // SUFFIX_SHARE)
         budget -= _count(tokenizer, suffix) + 3
     prefix, n = _fit_prefix(tokenizer, prefix, context.prefix_truncated, max(1, budget))
-    text = f"{fim[0]}{prefix}{fim[1]}{suffix}{fim[2]}" if fim else prefix
+    heal = ""
+    if fim:
+        text = f"{fim[0]}{prefix}{fim[1]}{suffix}{fim[2]}"
+    else:
+        text, heal = _heal(tokenizer, prefix)
     return Prompt(
         text=text,
         heal=heal,
@@ -200,22 +202,19 @@ def build_prompt(
     )
 
 
-def _remove_heal(text: str, heal: str, prefix_end: str) -> str:
-    if heal:
-        if text.startswith(heal):
-            return text[len(heal) :]
-        first = text.split("\n", 1)[0]
-        if first.strip() and first[:1] in " \t":
-            return text.lstrip(" \t")
-        return text
-    if prefix_end == "." and text.startswith(" "):
-        return text.lstrip(" ")
-    return text
+def _heal(tokenizer, text: str) -> tuple[str, str]:
+    """(the text without its last token, that token's text), when the token is plain text."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < 2 or ids[-1] in set(getattr(tokenizer, "all_special_ids", ())):
+        return text, ""
+    last = tokenizer.decode(ids[-1:])
+    if not last or not text.endswith(last):
+        return text, ""
+    return text[: -len(last)], last
 
 
-def postprocess(text: str, prompt: Prompt, prefix_end: str = "") -> str:
-    """What the editor shows for the model's (already cut) text: "" means nothing to show."""
-    text = _remove_heal(text, prompt.heal, prefix_end)
+def postprocess(text: str, prompt: Prompt) -> str:
+    """What the editor shows for the model's (already cut, healed) text: "" means nothing to show."""
     if not prompt.multiline:
         text = text.split("\n", 1)[0]
     text = text.rstrip()

@@ -184,16 +184,19 @@ async def test_capabilities_and_ready_status(shared):
 
 @on_shared
 async def test_inline_completion_is_the_models_greedy_completion(shared, tiny_model_dir, tokenizer):
-    from star_engine.generate import complete
     from star_engine.model import load_model
+    from star_server.generation import Generator
+    from star_server.prompting import Context, build_prompt, postprocess
 
     client = shared
     text = "def add(a, b):\n    return a + b\n\nprint(add"
     uri = "file:///tmp/tiny.py"
     open_doc(client, uri, text)
     result = await inline(client, uri, end_of(text))
-    lm = load_model(str(tiny_model_dir))
-    expected = complete(lm, text, max_new_tokens=24)   # single line, the default line budget
+    lm = load_model(str(tiny_model_dir))   # the same pipeline in this process, without LSP, cache or KV reuse
+    prompt = build_prompt(Context.at(text, len(text), 384), lm.tokenizer)
+    generated = Generator(lm).run(prompt.text, max_new_tokens=prompt.max_new_tokens, heal=prompt.heal)
+    expected = postprocess(generated.text, prompt)
     assert expected, "the tiny model writes something here"
     assert [item.insert_text for item in result.items] == [expected]
     item = result.items[0]

@@ -88,11 +88,18 @@ def test_prompt_budget_starts_at_a_line(tokenizer):
 
 def test_prompt_modes_and_token_limits(tokenizer):
     single = build_prompt(Context.at("x = f(a", 7, 128), tokenizer, max_tokens=48, max_line_tokens=10)
-    assert not single.multiline and single.max_new_tokens == 10 and single.heal == ""
+    assert not single.multiline and single.max_new_tokens == 10
     multi = build_prompt(Context.at("def f(x):\n    ", 14, 128), tokenizer, max_tokens=48, max_line_tokens=10)
     assert multi.multiline and multi.max_new_tokens == 48 and multi.base_indent == 4
-    assert multi.text == "def f(x):\n" and multi.heal == "    "
-    assert multi.repair_fix("return x") == "    return x"
+
+
+@pytest.mark.parametrize("source", ["x = f(a", "def f(x):\n    ", "people = ", "import os\nos.", "# note\n"])
+def test_token_healing_leaves_out_the_last_token(tokenizer, source):
+    prompt = build_prompt(Context.at(source, len(source), 128), tokenizer)
+    ids = tokenizer(source, add_special_tokens=False)["input_ids"]
+    assert prompt.heal == tokenizer.decode(ids[-1:]) and prompt.heal
+    assert prompt.text + prompt.heal == source
+    assert prompt.repair_fix("y") == prompt.heal + "y"
 
 
 class _FimTokenizer:
@@ -109,14 +116,16 @@ class _FimTokenizer:
     def decode(self, ids):
         return "".join(ids)
 
+    all_special_ids = []
+
 
 def test_fim_prompt_when_the_model_has_fim_tokens():
     source = "def average(xs):\n    total = \n    return total / len(xs)\n"
     offset = source.index("total = ") + len("total = ")
     prompt = build_prompt(Context.at(source, offset, 200), _FimTokenizer())
-    assert prompt.fim
+    assert prompt.fim and prompt.heal == ""
     assert prompt.text == (
-        "<|fim_prefix|>def average(xs):\n    total =<|fim_suffix|>\n    return total / len(xs)\n<|fim_middle|>"
+        "<|fim_prefix|>def average(xs):\n    total = <|fim_suffix|>\n    return total / len(xs)\n<|fim_middle|>"
     )
     # no suffix: a plain prompt
     assert not build_prompt(Context.at("x = ", 4, 200), _FimTokenizer()).fim
@@ -124,15 +133,6 @@ def test_fim_prompt_when_the_model_has_fim_tokens():
 
 def _prompt(tokenizer, source, offset=None, **kw):
     return build_prompt(Context.at(source, len(source) if offset is None else offset, 256), tokenizer, **kw)
-
-
-def test_postprocess_heals_leading_space(tokenizer):
-    p = _prompt(tokenizer, "people_sorted = ")
-    assert postprocess(" sorted(people)", p) == "sorted(people)"
-    p = _prompt(tokenizer, "data = f.")
-    assert postprocess(" read()", p, prefix_end=".") == "read()"
-    p = _prompt(tokenizer, "def f():\n    ")
-    assert postprocess("    return 1\n    x = 2", p) == "return 1\n    x = 2"
 
 
 def test_postprocess_drops_duplicates_and_empties(tokenizer):
@@ -146,6 +146,7 @@ def test_postprocess_drops_duplicates_and_empties(tokenizer):
     assert p.multiline
     assert postprocess("y = x + 1\n    return y\n", p) == "y = x + 1"   # FIM-style rewrite of the suffix cut
     assert postprocess("   \n", _prompt(tokenizer, "x = 1\n")) == ""
+    assert postprocess("return x\nmore", _prompt(tokenizer, "x = 1\n")) == "return x"   # single line
 
 
 # -- cache ---------------------------------------------------------------------------------------------------
@@ -184,20 +185,30 @@ def test_cache_is_bounded():
 
 def test_rwlock_writer_excludes_readers_and_is_not_starved():
     lock = RWLock()
-    events = []
+    events, release = [], threading.Event()
+
+    def hold(kind):
+        with getattr(lock, kind)():
+            events.append(kind)
+            release.wait(5)
+
     with lock.read():
         with lock.read():   # readers share
             pass
-        writer = threading.Thread(target=lambda: (lock.write().__enter__(), events.append("w")))
+        writer = threading.Thread(target=hold, args=("write",))
         writer.start()
         time.sleep(0.05)
         assert events == []   # waits for the reader
-        reader = threading.Thread(target=lambda: (lock.read().__enter__(), events.append("r")))
+        reader = threading.Thread(target=hold, args=("read",))
         reader.start()
         time.sleep(0.05)
         assert events == []   # a new reader queues behind the waiting writer
-    writer.join(1)
-    assert events == ["w"]
+    time.sleep(0.05)
+    assert events == ["write"]   # the writer goes first and excludes the reader
+    release.set()
+    writer.join(5)
+    reader.join(5)
+    assert events == ["write", "read"]
 
 
 # -- documents ---------------------------------------------------------------------------------------------------
@@ -227,6 +238,33 @@ def test_offsets_use_utf16_and_reject_outside_positions():
 
 
 # -- generation --------------------------------------------------------------------------------------------------
+
+
+def test_token_healing_constrains_decoding_until_the_heal_is_spelled(tokenizer):
+    """Against a brute-force reference: full forward passes, and at each healing step the argmax over
+    the tokens that start with what is left of `heal` or are a prefix of it."""
+    import torch
+
+    lm = make_tiny("llama", tokenizer)
+    gen = Generator(lm)
+    three = tokenizer("\n   ", add_special_tokens=False)["input_ids"]
+    assert len(three) == 1 and three[0] in set(gen.vocab.allowed("\n    ").tolist())   # a prefix of the heal
+    special = set(tokenizer.all_special_ids)
+    texts = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    for prompt, heal in [("def f(x):", "\n    "), ("import os\nos", ".wa"), ("x =", " ")]:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        new, rest = [], heal
+        with torch.no_grad():
+            while rest:
+                logits = lm.model(torch.tensor([ids + new])).logits[0, -1]
+                ok = [i for i, t in enumerate(texts) if t and i not in special
+                      and (t.startswith(rest) or rest.startswith(t))]
+                token = max(ok, key=lambda i: float(logits[i]))
+                new.append(token)
+                rest = rest[len(texts[token]):] if rest.startswith(texts[token]) else ""
+        out = gen.run(prompt, max_new_tokens=3, heal=heal, multiline=True, key=prompt)
+        assert out.new_tokens > len(new)
+        assert gen._kv[prompt].fed[len(ids) : len(ids) + len(new)] == new   # the healing tokens fed back
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "codegen"])
