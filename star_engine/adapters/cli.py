@@ -90,6 +90,16 @@ def _cut(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _layers(layers: list[int]) -> str:
+    if not layers:
+        return "no layer"
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{len(layers)} layers ({layers[0]}-{layers[-1]})"
+    return f"{len(layers)} layers ({', '.join(map(str, layers))})"
+
+
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
@@ -140,7 +150,7 @@ def cmd_show(args) -> int:
     print(f"created:  {info.created}")
     print(f"method:   {info.method} {json.dumps(meta.get('config') or {})}")
     print(f"model:    {base.get('name', '?')} ({base.get('model_type', '?')}, {base.get('n_layers', '?')} layers)")
-    print(f"patch:    {info.neurons} neuron(s) in layer(s) {info.layers}")
+    print(f"patch:    {info.neurons} neuron(s) in {_layers(info.layers)}")
     print(f"size:     {_size(info.size_bytes)}  ({info.path})")
     for n, c in enumerate(info.cases, start=1):
         print(f"case {n}:")

@@ -115,6 +115,7 @@ class PatchStack:
         self._applied: list[str] = []                  # ids whose deltas are in the model, in order
         self._manifest = Manifest()
         self._problems: dict[str, str] = {}            # id -> why it is not applied
+        self._problem_sigs: dict[str, tuple] = {}      # id -> its files when that was found
         self._rejected: dict[str, tuple] = {}          # unlisted dir -> signature when it was rejected
         self._loaded = False
 
@@ -236,8 +237,11 @@ class PatchStack:
             wanted = []
             for i in manifest.order:
                 if not manifest.enabled[i]:
-                    self._adapters.pop(i, None) if i not in accepted_new else None
+                    self._adapters.pop(i, None)      # not needed in memory while disabled
                     continue
+                sig = dir_signature(self.path / i) if i in self._problems else None
+                if sig is not None and self._problem_sigs.get(i) == sig:
+                    continue                          # still the same broken files: not re-read
                 try:
                     self._load(i)
                     self._problems.pop(i, None)
@@ -246,6 +250,7 @@ class PatchStack:
                     if self._problems.get(i) != str(e):
                         messages.append(f"{i} is not applied: {e}")
                     self._problems[i] = str(e)
+                    self._problem_sigs[i] = dir_signature(self.path / i)
             # Newcomers are applied one by one under the regression policy; the rest follow the manifest.
             base_list = [i for i in wanted if i not in accepted_new]
             if base_list != self._applied:
