@@ -10,7 +10,6 @@ import os
 import pickle
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
@@ -27,7 +26,6 @@ from safetensors.torch import load_file, save_file
 from conftest import make_tiny
 from star_engine.adapters import (
     AdapterError,
-    AdapterFolder,
     PatchStack,
     RegressionError,
     load_adapter,
