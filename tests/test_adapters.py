@@ -37,7 +37,7 @@ from star_engine.generate import complete
 from star_engine.patch import LayerDelta, Patch, apply_patch
 from star_engine.repair import CaseReport, RepairResult, repair
 
-TINY_STEP = {"lr": "0.1"}   # random tiny models need a bigger step than the real model's 1e-2
+TINY_STEP = {"lr": "0.1", "mode": "token"}   # token mode: these three tiny-model patches do not interfere
 CASES = [
     RepairCase(prompt="def add(a, b):\n    return a +", fix=" b"),
     RepairCase(prompt="def sub(a, b):\n    return a -", fix=" b"),
