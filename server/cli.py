@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--multiline", choices=MULTILINE_MODES, default=d.multiline)
     parser.add_argument("--debounce-ms", type=int, default=d.debounce_ms, help="server-side debounce of automatic requests")
     parser.add_argument("--repair-method", default=d.repair_method, help=f"default: {d.repair_method}")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads for generation and repair (default: half the CPUs, at least 1; "
+                             "OMP_NUM_THREADS also sets it)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-file", help="log here instead of stderr")
 
@@ -66,6 +69,7 @@ def _argv(args) -> list[str]:
                         ("--max-tokens", args.max_tokens), ("--max-line-tokens", args.max_line_tokens),
                         ("--context-tokens", args.context_tokens), ("--multiline", args.multiline),
                         ("--debounce-ms", args.debounce_ms), ("--repair-method", args.repair_method),
+                        ("--threads", args.threads),
                         ("--log-level", args.log_level), ("--log-file", args.log_file)]:
         if value is not None:
             out += [flag, str(value)]
@@ -85,9 +89,21 @@ def _passive_openmp(args) -> None:
         os.execv(sys.executable, [sys.executable, "-m", "star_server", *_argv(args)])
 
 
+def _threads(args) -> None:
+    """Half the CPUs by default: the editor needs the rest while the user types (on 2 cores one thread
+    decodes faster than two whenever something else runs, and a repair gets the other core)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(max(1, args.threads))
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+
+
 def serve_command(args) -> int:
     settings = _settings(args)
     _passive_openmp(args)
+    _threads(args)
     from .server import make_server
 
     _logging(args)

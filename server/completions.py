@@ -16,7 +16,6 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from lsprotocol import types
@@ -25,6 +24,7 @@ from star_engine.generate import GenerationCancelled
 
 from .cache import CompletionCache
 from .documents import BadPosition, offset_at, open_document
+from .engine_host import worker_pool
 from .prompting import Context, build_prompt, postprocess
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class CompletionService:
     def __init__(self, server):
         self.server = server
         self.cache = CompletionCache()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="star-generate")
+        self.executor = worker_pool("star-generate")
         self.inflight: OrderedDict[str, threading.Event] = OrderedDict()
         self.shown: OrderedDict[str, Shown] = OrderedDict()
         self.stats = Stats()

@@ -17,6 +17,7 @@ import copy
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,6 +53,13 @@ def _copy_tokenizer(tokenizer):
         return copy.deepcopy(tokenizer)
     except Exception:   # pragma: no cover - depends on the tokenizer class
         return tokenizer
+
+
+def worker_pool(name: str, workers: int = 1) -> ThreadPoolExecutor:
+    """A thread pool whose threads use the process's torch thread count (set once by the CLI)."""
+    threads = torch.get_num_threads()
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
+                              initializer=torch.set_num_threads, initargs=(threads,))
 
 
 @dataclass

@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
@@ -21,7 +20,7 @@ from star_engine.case import RepairCase, RepairInputError
 from star_engine.session import RepairCancelled
 
 from .documents import BadPosition, offset_at, open_document, position_arg
-from .engine_host import RepairBusy
+from .engine_host import RepairBusy, worker_pool
 from .patches import PatchError, info_json
 from .prompting import Context, build_prompt
 from .protocol import command_params
@@ -65,8 +64,8 @@ def _short(text: str, n: int = 40) -> str:
 class FixService:
     def __init__(self, server):
         self.server = server
-        self.repair_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="star-repair")
-        self.stack_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="star-stack")
+        self.repair_executor = worker_pool("star-repair")
+        self.stack_executor = worker_pool("star-stack", 2)
         self.cancel_events: set = set()
 
     # -- star.applyFix -------------------------------------------------------------------------------

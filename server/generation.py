@@ -157,6 +157,8 @@ class Generator:
                 del kv.fed[keep:]
             try:
                 return self._decode(kv, ids, keep, max_new_tokens, multiline, base_indent, heal, cancel, started)
+            except GenerationCancelled:
+                raise   # checked between forward passes: the cache is consistent, keep it for the next request
             except BaseException:
                 self._kv.pop(key, None)   # the cache may be half-extended: drop it
                 raise

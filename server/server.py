@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 
 from lsprotocol import types
@@ -25,7 +24,7 @@ from pygls.lsp.server import LanguageServer
 
 from .completions import ACCEPT_COMMAND, CompletionService
 from .documents import BadPosition, offset_at, open_document
-from .engine_host import EngineHost
+from .engine_host import EngineHost, worker_pool
 from .fixes import FixService
 from .protocol import StarProtocol
 from .settings import Settings, section
@@ -54,7 +53,7 @@ class StarServer(LanguageServer):
         self.status = StatusBoard(lambda payload: self.protocol.notify(STATUS_NOTIFICATION, payload))
         self.completions = CompletionService(self)
         self.fixes = FixService(self)
-        self.load_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="star-load")
+        self.load_executor = worker_pool("star-load")
         self._load_task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 

@@ -42,6 +42,7 @@ PLAIN_CAPS = types.ClientCapabilities(
     text_document=types.TextDocumentClientCapabilities(completion=types.CompletionClientCapabilities()),
 )
 FIX_PROMPT = "# Reverse the list `a`\n"
+LONG = "print(add"
 FIX = "a.reverse()"
 
 
@@ -360,18 +361,19 @@ async def test_cancel_request_stops_the_generation(tiny_model_dir, tmp_path):
                            options={"maxTokens": 1000, "multiline": "always"})
     try:
         uri = "file:///tmp/long.py"
-        open_doc(c, uri, "def f():\n")
-        started = time.monotonic()
-        await inline(c, uri, types.Position(1, 0))
+        open_doc(c, uri, LONG)
+        started = time.monotonic()   # the tiny model writes "addaddadd..." and never stops by itself
+        await inline(c, uri, end_of(LONG))
         full = time.monotonic() - started
+        assert full > 1.0, full
 
-        open_doc(c, "file:///tmp/long2.py", "def g():\n")
+        open_doc(c, "file:///tmp/long2.py", "x = " + LONG)
         task = asyncio.ensure_future(c.protocol.send_request_async(
             types.TEXT_DOCUMENT_INLINE_COMPLETION,
             types.InlineCompletionParams(
                 context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
                 text_document=types.TextDocumentIdentifier(uri="file:///tmp/long2.py"),
-                position=types.Position(1, 0)),
+                position=end_of("x = " + LONG)),
             msg_id="cancel-me"))
         await asyncio.sleep(min(0.3, full / 4))
         c.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="cancel-me"))
@@ -387,10 +389,10 @@ async def test_cancel_request_stops_the_generation(tiny_model_dir, tmp_path):
         c.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"maxTokens": 1000}))
 
         # cancel-previous: a newer request for the same document makes the older one answer empty
-        open_doc(c, "file:///tmp/prev.py", "def h():\n")
-        first = asyncio.ensure_future(inline(c, "file:///tmp/prev.py", types.Position(1, 0), automatic=True))
+        open_doc(c, "file:///tmp/prev.py", "y = " + LONG)
+        first = asyncio.ensure_future(inline(c, "file:///tmp/prev.py", end_of("y = " + LONG), automatic=True))
         await asyncio.sleep(min(0.3, full / 4))
-        second = asyncio.ensure_future(inline(c, "file:///tmp/prev.py", types.Position(1, 0), automatic=True))
+        second = asyncio.ensure_future(inline(c, "file:///tmp/prev.py", end_of("y = " + LONG), automatic=True))
         assert not (await first).items
         assert len((await second).items) == 1
     finally:
