@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import platformdirs
 import torch
 
 from star_engine.case import RepairCase
@@ -37,14 +36,6 @@ log = logging.getLogger(__name__)
 
 class RepairBusy(RuntimeError):
     pass
-
-
-def default_adapters_dir() -> Path:
-    try:
-        from star_engine.adapters import default_folder
-    except ImportError:
-        return Path(platformdirs.user_data_dir("star")) / "adapters"
-    return default_folder()
 
 
 def _copy_tokenizer(tokenizer):
@@ -68,7 +59,6 @@ class LoadReport:
     adapters_dir: Path
     patches: int
     problems: list[str]
-    persistent: bool     # the patch stack writes adapter files (else: in memory only)
 
 
 class EngineHost:
@@ -112,10 +102,10 @@ class EngineHost:
             path=serving.path,
         )
         stack = open_stack(workbench, Path(adapters_dir).expanduser() if adapters_dir else None)
-        folder = Path(getattr(stack, "path", None) or default_adapters_dir())
+        folder = stack.path
         with stack.lock:
             problems = list(stack.load() or [])
-            _copy_out_proj(workbench, serving)
+            _copy_out_proj(workbench, serving, _touched(stack))
             patches = len(stack.list())
         self.close()
         with self.rw.write():
@@ -128,8 +118,7 @@ class EngineHost:
         except Exception as e:   # hot reload is a convenience: serve without it
             log.warning("cannot watch %s: %s", folder, e)
             problems.append(f"hot reload of {folder} is off: {e}")
-        persistent = type(stack).__name__ != "MemoryPatchStack"
-        return LoadReport(serving.name, folder, patches, problems, persistent)
+        return LoadReport(serving.name, folder, patches, problems)
 
     def close(self) -> None:
         watcher, self._watcher = self._watcher, None
@@ -161,8 +150,9 @@ class EngineHost:
 
     def _switch(self) -> None:
         """Copy the workbench's output projections to the serving model (caller holds stack.lock)."""
+        layers = _touched(self.stack)
         with self.rw.write():
-            _copy_out_proj(self.workbench, self.serving)
+            _copy_out_proj(self.workbench, self.serving, layers)
             self.version += 1
             self.generator.reset()
 
@@ -231,7 +221,12 @@ class EngineHost:
             return self.stack.export(patch_id, path)
 
 
+def _touched(stack) -> list[int]:
+    """The layers whose output projection the stack has ever changed: the only ones to copy."""
+    return list(stack.touched_layers())
+
+
 @torch.no_grad()
-def _copy_out_proj(src: LoadedModel, dst: LoadedModel) -> None:
-    for layer in range(src.arch.n_layers):
+def _copy_out_proj(src: LoadedModel, dst: LoadedModel, layers: list[int]) -> None:
+    for layer in layers:
         dst.arch.weight(layer).copy_(src.arch.weight(layer))

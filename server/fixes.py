@@ -170,7 +170,7 @@ class FixService:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self.stack_executor, fn, *args)
-        except (PatchError, ValueError, OSError, KeyError) as e:
+        except (PatchError, ValueError, OSError, KeyError) as e:   # AdapterError is a ValueError
             raise failed(str(e).strip("'\"") or type(e).__name__) from None
 
     async def list(self) -> list[dict]:

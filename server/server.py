@@ -89,9 +89,8 @@ class StarServer(LanguageServer):
             self.window_show_message(types.ShowMessageParams(type=types.MessageType.Error, message=f"STAR: {message}"))
             return False
         self.completions.weights_changed()
-        where = report.adapters_dir if report.persistent else f"{report.adapters_dir} (in memory only)"
         self._log(f"loaded {report.model} in {time.perf_counter() - started:.1f} s; "
-                  f"{report.patches} patch(es) from {where}")
+                  f"{report.patches} patch(es) from {report.adapters_dir}")
         news, problems = _split_messages(report.problems)
         for message in news:
             self._log(message)
