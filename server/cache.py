@@ -45,8 +45,10 @@ class CompletionCache:
                 self.forward_hits += 1
             return value
 
-    def put(self, context: Context, settings_key: tuple, completion: str) -> None:
-        items = [(_key(context, settings_key), completion, False)]
+    def put(self, context: Context, settings_key: tuple, completion: str, exact: bool = True) -> None:
+        """Store `completion` for `context` and its typing-forward entries; only the latter when not
+        `exact` (a partial line cut by the latency budget: asked again, the context deserves a full one)."""
+        items = [(_key(context, settings_key), completion, False)] if exact else []
         for k in range(1, min(len(completion), FORWARD_CHARS + 1)):
             items.append((_key(context.extended(completion[:k]), settings_key), completion[k:], True))
         with self._lock:

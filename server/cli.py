@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"prompt budget in tokens (default {d.context_tokens})")
     parser.add_argument("--multiline", choices=MULTILINE_MODES, default=d.multiline)
     parser.add_argument("--debounce-ms", type=int, default=d.debounce_ms, help="server-side debounce of automatic requests")
+    parser.add_argument("--latency-budget-ms", type=int, default=d.latency_budget_ms,
+                        help="automatic single-line completions return what they have after this long "
+                             f"(default {d.latency_budget_ms}; 0: off)")
     parser.add_argument("--repair-method", default=d.repair_method, help=f"default: {d.repair_method}")
     parser.add_argument("--threads", type=int,
                         help="torch threads for generation and repair (default: half the CPUs, at least 1; "
@@ -45,6 +48,7 @@ def _settings(args) -> Settings:
         "contextTokens": args.context_tokens,
         "multiline": args.multiline,
         "debounceMs": args.debounce_ms,
+        "latencyBudgetMs": args.latency_budget_ms,
         "repairMethod": args.repair_method,
     })
     if problems:
@@ -68,7 +72,8 @@ def _argv(args) -> list[str]:
     for flag, value in [("--model", args.model), ("--adapters", args.adapters), ("--tcp", args.tcp),
                         ("--max-tokens", args.max_tokens), ("--max-line-tokens", args.max_line_tokens),
                         ("--context-tokens", args.context_tokens), ("--multiline", args.multiline),
-                        ("--debounce-ms", args.debounce_ms), ("--repair-method", args.repair_method),
+                        ("--debounce-ms", args.debounce_ms), ("--latency-budget-ms", args.latency_budget_ms),
+                        ("--repair-method", args.repair_method),
                         ("--threads", args.threads),
                         ("--log-level", args.log_level), ("--log-file", args.log_file)]:
         if value is not None:

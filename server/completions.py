@@ -6,6 +6,9 @@
   empty); `$/cancelRequest` cancels the handler's task and stops its generation too.
 * At most MAX_PENDING generations wait at a time (a flood of requests on many documents cancels the
   oldest), and an optional server-side debounce delays automatic requests.
+* Latency budget: an automatic single-line completion still running `latencyBudgetMs` after its
+  request arrived stops with the partial line it has (cached for typing-forward only; an explicitly
+  invoked completion is never cut).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Stats:
     cancelled: int = 0
     empty: int = 0
     accepted: int = 0
+    truncated: int = 0
     errors: int = 0
     generation_seconds: list = field(default_factory=list)
 
@@ -62,7 +66,8 @@ class Stats:
         p = lambda q: round(g[min(len(g) - 1, int(q * len(g)))] * 1000, 1) if g else None
         return {
             "requests": self.requests, "generated": self.generated, "cached": self.cached,
-            "cancelled": self.cancelled, "empty": self.empty, "accepted": self.accepted, "errors": self.errors,
+            "cancelled": self.cancelled, "empty": self.empty, "accepted": self.accepted,
+            "truncated": self.truncated, "errors": self.errors,
             "generationMsP50": p(0.5), "generationMsP95": p(0.95), "cache": cache.stats(),
         }
 
@@ -81,6 +86,7 @@ class CompletionService:
     async def complete(self, uri: str, position: types.Position, automatic: bool) -> Shown | None:
         """The completion at `position` of the open document `uri`, or None (nothing to show)."""
         self.stats.requests += 1
+        arrived = time.perf_counter()
         try:
             doc = open_document(self.server, uri)
             offset = offset_at(doc, position)
@@ -112,10 +118,12 @@ class CompletionService:
                 self.stats.cancelled += 1
                 return None
             loop = asyncio.get_running_loop()
+            budget = settings.latency_budget_ms if automatic else 0
+            deadline = arrived + budget / 1000 if budget else None
             async with self.server.status.generation() as g:
                 try:
                     text, generated, version = await loop.run_in_executor(
-                        self.executor, self._generate, uri, context, settings, cancel
+                        self.executor, self._generate, uri, context, settings, cancel, deadline
                     )
                 except GenerationCancelled:
                     self.stats.cancelled += 1
@@ -123,7 +131,9 @@ class CompletionService:
                 g.seconds = generated.seconds
             self.stats.generated += 1
             self.stats.generation_seconds.append(generated.seconds)
-            self.cache.put(context, settings.generation_key() + (version, host.model_name), text)
+            self.stats.truncated += generated.truncated
+            self.cache.put(context, settings.generation_key() + (version, host.model_name), text,
+                           exact=not generated.truncated)
             return self._shown(uri, position, text)
         except asyncio.CancelledError:
             cancel.set()
@@ -137,7 +147,7 @@ class CompletionService:
         window = self.server.host.context_window
         return max(16, min(settings.context_tokens, window - max(settings.max_tokens, settings.max_line_tokens) - 8))
 
-    def _generate(self, uri, context: Context, settings, cancel: threading.Event):
+    def _generate(self, uri, context: Context, settings, cancel: threading.Event, deadline: float | None):
         """In the generation worker: prompt, generate, post-process."""
         if cancel.is_set():
             raise GenerationCancelled()
@@ -149,7 +159,7 @@ class CompletionService:
             max_tokens=settings.max_tokens,
             max_line_tokens=settings.max_line_tokens,
         )
-        generated, version = host.complete(uri, prompt, cancel)
+        generated, version = host.complete(uri, prompt, cancel, deadline)
         text = postprocess(generated.text, prompt)
         log.debug(
             "completion %.0f ms (prompt %d tokens, %d reused, %d new): %r",

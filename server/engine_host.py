@@ -131,7 +131,8 @@ class EngineHost:
 
     # -- completions ---------------------------------------------------------------------------------
 
-    def complete(self, key: str, prompt, cancel: threading.Event | None) -> tuple[Generated, int]:
+    def complete(self, key: str, prompt, cancel: threading.Event | None,
+                 deadline: float | None = None) -> tuple[Generated, int]:
         """Generate for a `prompting.Prompt` on the serving model. Returns (generated, weights version)."""
         with self.rw.read():
             version, generator = self.version, self.generator
@@ -142,6 +143,7 @@ class EngineHost:
                 base_indent=prompt.base_indent,
                 heal=prompt.heal,
                 cancel=cancel,
+                deadline=deadline,
                 key=key,
             )
             return out, version

@@ -48,6 +48,7 @@ class Generated:
     reused_tokens: int       # prompt tokens served from the KV cache
     new_tokens: int
     seconds: float
+    truncated: bool = False  # stopped by the latency deadline (single-line only): a partial line
 
 
 class _KV:
@@ -141,8 +142,11 @@ class Generator:
         base_indent: int = 0,
         heal: str = "",
         cancel: threading.Event | None = None,
+        deadline: float | None = None,
         key: str = "",
     ) -> Generated:
+        """`deadline` (a time.perf_counter() value): a single-line generation stops there once it has
+        something to show, and returns that partial line (`truncated`)."""
         started = time.perf_counter()
         with self._lock:
             ids = encode(self.lm, prompt)
@@ -156,14 +160,16 @@ class Generator:
                 kv.cache.crop(keep - len(kv.fed))
                 del kv.fed[keep:]
             try:
-                return self._decode(kv, ids, keep, max_new_tokens, multiline, base_indent, heal, cancel, started)
+                return self._decode(kv, ids, keep, max_new_tokens, multiline, base_indent, heal, cancel,
+                                    None if multiline else deadline, started)
             except GenerationCancelled:
                 raise   # checked between forward passes: the cache is consistent, keep it for the next request
             except BaseException:
                 self._kv.pop(key, None)   # the cache may be half-extended: drop it
                 raise
 
-    def _decode(self, kv, ids, reused, max_new_tokens, multiline, base_indent, heal, cancel, started) -> Generated:
+    def _decode(self, kv, ids, reused, max_new_tokens, multiline, base_indent, heal, cancel, deadline,
+                started) -> Generated:
         def check():
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled()
@@ -174,7 +180,7 @@ class Generator:
             logits = self._forward(kv, pending[i : i + PREFILL_CHUNK])
         new: list[int] = []
         rest = heal          # what the next tokens must still spell
-        ended = False
+        ended = truncated = False
         text = ""
         limit = max_new_tokens + len(heal)   # healing tokens do not count against the limit
         while True:
@@ -197,6 +203,9 @@ class Generator:
                     break
             if len(new) >= limit:
                 break
+            if deadline is not None and not rest and text.strip() and time.perf_counter() >= deadline:
+                truncated = True
+                break
             check()
             logits = self._forward(kv, [token])
         # the last line was never checked by the stop rule: check it as a complete line
@@ -204,4 +213,4 @@ class Generator:
         text = text[:-1] if text.endswith("\n") else text
         if not ended and multiline and "\n" in text:
             text = text.rsplit("\n", 1)[0]   # the token limit cut the last line: don't show half a line
-        return Generated(text, ended, len(ids), reused, len(new), time.perf_counter() - started)
+        return Generated(text, ended, len(ids), reused, len(new), time.perf_counter() - started, truncated)

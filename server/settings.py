@@ -19,6 +19,7 @@ class Settings:
     context_tokens: int = 384          # prompt budget (prefix + suffix), in tokens
     multiline: str = "auto"
     debounce_ms: int = 0               # server-side debounce of *automatic* completion requests
+    latency_budget_ms: int = 500       # automatic single-line completions stop here with a partial line (0: off)
     repair_method: str = "star"
     mark_wrong_command: str = "starRepair.markWrong"   # client command run by the code action
 
@@ -87,6 +88,7 @@ _KEYS = {
     "contextTokens": ("context_tokens", _int_in(16, 32768)),
     "multiline": ("multiline", _multiline),
     "debounceMs": ("debounce_ms", _int_in(0, 5000)),
+    "latencyBudgetMs": ("latency_budget_ms", _int_in(0, 600000)),
     "repairMethod": ("repair_method", _string),
     "markWrongCommand": ("mark_wrong_command", _string),
 }

@@ -278,6 +278,24 @@ def test_generation_with_kv_reuse_matches_plain_greedy(family, tokenizer):
     assert got.reused_tokens > 0   # the last prompt reused the cache of the one before
 
 
+def test_latency_deadline_cuts_single_line_generations_only(tokenizer):
+    gen = Generator(make_tiny("llama", tokenizer))
+    full = gen.run("print(add", max_new_tokens=20, key="a")
+    assert full.new_tokens == 20 and not full.truncated
+    cut = gen.run("print(add", max_new_tokens=20, deadline=0.0, key="a")   # long past
+    assert cut.truncated and cut.new_tokens == 1 and cut.text and full.text.startswith(cut.text)
+    multi = gen.run("print(add", max_new_tokens=20, multiline=True, deadline=0.0, key="a")
+    assert not multi.truncated and multi.new_tokens == 20
+
+
+def test_cache_keeps_only_forward_entries_of_a_partial_line():
+    cache = CompletionCache()
+    ctx = Context.at("x = ", 4, 64)
+    cache.put(ctx, (), "compute(", exact=False)
+    assert cache.get(ctx, ()) is None
+    assert cache.get(ctx.extended("com"), ()) == "pute("
+
+
 def test_generation_cancels_cooperatively(tokenizer):
     from star_engine.generate import GenerationCancelled
 
