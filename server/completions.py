@@ -122,13 +122,14 @@ class CompletionService:
             deadline = arrived + budget / 1000 if budget else None
             async with self.server.status.generation() as g:
                 try:
-                    text, generated, version = await loop.run_in_executor(
+                    text, generated, version, multiline = await loop.run_in_executor(
                         self.executor, self._generate, uri, context, settings, cancel, deadline
                     )
                 except GenerationCancelled:
                     self.stats.cancelled += 1
                     return None
-                g.seconds = generated.seconds
+                if not multiline:   # long multi-line completions are expected to take seconds
+                    g.seconds = generated.seconds
             self.stats.generated += 1
             self.stats.generation_seconds.append(generated.seconds)
             self.stats.truncated += generated.truncated
@@ -165,7 +166,7 @@ class CompletionService:
             "completion %.0f ms (prompt %d tokens, %d reused, %d new): %r",
             generated.seconds * 1000, generated.prompt_tokens, generated.reused_tokens, generated.new_tokens, text,
         )
-        return text, generated, version
+        return text, generated, version, prompt.multiline
 
     def _shown(self, uri: str, position: types.Position, text: str) -> Shown | None:
         if not text:

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable
 
 GENERATING_DELAY_S = 0.15
-SLOW_S = 1.0     # a completion slower than this makes the status "slow" until a fast one
+SLOW_S = 1.0     # a single-line completion slower than this makes the status "slow" until a fast one
 
 
 class StatusBoard:
