@@ -181,7 +181,7 @@ def test_fuzz_then_a_valid_request_is_answered_correctly(server):
 
     @settings(max_examples=80, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(st.lists(bodies, min_size=20, max_size=40))
+    @given(st.lists(bodies, min_size=30, max_size=45))   # 80 examples x at least 30 = over 2,000 messages
     def fuzz(batch):
         for body in batch:
             server.write(body)
