@@ -37,6 +37,7 @@ from star_engine.model import LoadedModel
 
 PREFILL_CHUNK = 128
 KV_DOCUMENTS = 4     # documents whose KV cache is kept
+KEPT_LOGITS = 32     # next-token logits kept for the last positions of each cache
 _MAX_CHAR = "\U0010ffff"
 
 
@@ -55,6 +56,15 @@ class _KV:
     def __init__(self):
         self.cache = DynamicCache()
         self.fed: list[int] = []     # the tokens whose keys/values are in `cache`
+        self.logits: dict[int, torch.Tensor] = {}   # position p -> next-token logits after fed[: p + 1]
+
+    def crop(self, length: int) -> None:
+        if length == 0:
+            self.cache, self.fed, self.logits = DynamicCache(), [], {}
+        elif length < len(self.fed):
+            self.cache.crop(length - len(self.fed))
+            del self.fed[length:]
+            self.logits = {p: v for p, v in self.logits.items() if p < length}
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -130,7 +140,12 @@ class Generator:
         )
         kv.cache = out.past_key_values
         kv.fed.extend(ids)
-        return out.logits[0, -1]
+        logits = out.logits[0, -1]
+        last = len(kv.fed) - 1
+        kv.logits[last] = logits
+        if len(kv.logits) > 2 * KEPT_LOGITS:
+            kv.logits = {p: v for p, v in kv.logits.items() if p > last - KEPT_LOGITS}
+        return logits
 
     @torch.inference_mode()
     def run(
@@ -153,12 +168,11 @@ class Generator:
             if not ids:
                 return Generated("", True, 0, 0, 0, 0.0)
             kv = self._state(key)
-            keep = min(_common_prefix(kv.fed, ids), len(ids) - 1)
-            if keep == 0:
-                kv.cache, kv.fed = DynamicCache(), []
-            elif keep < len(kv.fed):
-                kv.cache.crop(keep - len(kv.fed))
-                del kv.fed[keep:]
+            common = _common_prefix(kv.fed, ids)
+            # The whole prompt is in the cache and its next-token logits are known (typical while the user
+            # types: the previous request fed these very tokens): no forward pass is needed to start.
+            keep = len(ids) if common >= len(ids) and len(ids) - 1 in kv.logits else min(common, len(ids) - 1)
+            kv.crop(keep)
             try:
                 return self._decode(kv, ids, keep, max_new_tokens, multiline, base_indent, heal, cancel,
                                     None if multiline else deadline, started)
@@ -175,6 +189,7 @@ class Generator:
                 raise GenerationCancelled()
 
         pending = ids[reused:]
+        logits = kv.logits.get(len(ids) - 1) if not pending else None
         for i in range(0, len(pending), PREFILL_CHUNK):
             check()
             logits = self._forward(kv, pending[i : i + PREFILL_CHUNK])

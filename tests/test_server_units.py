@@ -276,6 +276,15 @@ def test_generation_with_kv_reuse_matches_plain_greedy(family, tokenizer):
         got = gen.run(prompt, max_new_tokens=12, key="doc")
         assert got.text == complete(lm, prompt, max_new_tokens=12)
     assert got.reused_tokens > 0   # the last prompt reused the cache of the one before
+    # the user typed what the model had generated: that prompt was fed entirely and its next-token logits
+    # are kept, so decoding starts without a forward pass
+    gen.run(text, max_new_tokens=3, key="again")
+    fed = list(gen._kv["again"].fed)
+    longer = tokenizer.decode(fed)
+    if tokenizer(longer, add_special_tokens=False)["input_ids"] == fed:   # a clean token boundary
+        again = gen.run(longer, max_new_tokens=12, key="again")
+        assert again.prompt_tokens == again.reused_tokens == len(fed)
+        assert again.text == complete(lm, longer, max_new_tokens=12)
 
 
 def test_latency_deadline_cuts_single_line_generations_only(tokenizer):
