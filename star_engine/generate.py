@@ -86,8 +86,19 @@ def complete(
     return cut_completion(text, multiline, base_indent)[0]
 
 
-def writes(lm: LoadedModel, prompt_ids: Sequence[int], target_text: str, n_tokens: int) -> tuple[bool, str]:
-    """Does greedy decoding after the prompt write `target_text`? Returns (yes, what it wrote)."""
-    new = greedy_ids(lm, prompt_ids, n_tokens)
+class _LinesDone(StoppingCriteria):
+    def __init__(self, lm: LoadedModel, start: int, n_lines: int):
+        self.lm, self.start, self.n_lines = lm, start, n_lines
+
+    def __call__(self, input_ids, scores, **kwargs):
+        text = self.lm.tokenizer.decode(input_ids[0, self.start :], skip_special_tokens=True)
+        return torch.full((input_ids.shape[0],), text.count("\n") >= self.n_lines, dtype=torch.bool)
+
+
+def writes(lm: LoadedModel, prompt_ids: Sequence[int], target_text: str, max_tokens: int) -> tuple[bool, str]:
+    """Does greedy decoding after the prompt write `target_text`? Returns (yes, what it wrote: as many
+    whole lines as the target has, or `max_tokens` tokens)."""
+    stop = _LinesDone(lm, len(prompt_ids), target_text.count("\n"))
+    new = greedy_ids(lm, prompt_ids, max_tokens, StoppingCriteriaList([stop]))
     text = lm.tokenizer.decode(new, skip_special_tokens=True)
     return text.startswith(target_text), text

@@ -15,8 +15,10 @@ from .model import LoadedModel
 from .patch import Patch, SavedColumns, WeightSnapshot
 from .session import Progress, RepairCancelled, RepairSession
 
-# Greedy decoding may spell the fix with a different (longer) tokenisation than the target's.
+# Greedy decoding may spell the fix with a different (longer) tokenisation than the target's; and the
+# report shows the whole wrong line, within an editor-sized budget.
 _DECODE_SLACK = 4
+_SHOWN_TOKENS = 48
 
 
 @dataclass
@@ -82,7 +84,7 @@ class RepairResult:
 
 
 def _greedy(lm: LoadedModel, enc: EncodedCase) -> tuple[bool, str]:
-    return writes(lm, enc.prompt_ids, enc.target_text, len(enc.target_ids) + _DECODE_SLACK)
+    return writes(lm, enc.prompt_ids, enc.target_text, max(len(enc.target_ids) + _DECODE_SLACK, _SHOWN_TOKENS))
 
 
 def _shown(text: str, enc: EncodedCase) -> str:
