@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 import typing
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
 
 from ..session import RepairSession
 
@@ -60,3 +64,20 @@ def _coerce(hint, value, name):
     if typing.get_origin(hint) is typing.Literal and value not in typing.get_args(hint):
         raise ValueError(f"{name} must be one of {typing.get_args(hint)}, not {value!r}")
     return value
+
+
+def step_until_right(forward: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, target: int, steps: int,
+                     check: Callable[[], None] = lambda: None) -> int:
+    """Up to `steps` optimiser steps on CE(forward(), target), stopping as soon as the argmax is the
+    target (the gradient baselines' shared loop). `forward` returns the last-position logits. Returns
+    the number of steps taken."""
+    label = torch.tensor(target)
+    for step in range(steps):
+        check()
+        opt.zero_grad(set_to_none=True)
+        logits = forward()
+        if int(logits.argmax()) == target:
+            return step
+        F.cross_entropy(logits, label).backward()
+        opt.step()
+    return steps

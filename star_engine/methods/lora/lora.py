@@ -10,11 +10,10 @@ sees (and saves, undoes, verifies) it like any other patch; no peft wrapper stay
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -44,18 +43,3 @@ def lora_adapters(model: nn.Module, target_modules: list[str], rank: int, alpha:
     finally:
         if not had_peft_config and hasattr(model, "peft_config"):
             del model.peft_config
-
-
-def train_point(forward: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, target: int, steps: int,
-                check: Callable[[], None] = lambda: None) -> int:
-    """Up to `steps` Adam steps on CE(forward(), target), stopping once the argmax is the target."""
-    label = torch.tensor(target)
-    for step in range(steps):
-        check()
-        opt.zero_grad(set_to_none=True)
-        logits = forward()
-        if int(logits.argmax()) == target:
-            return step
-        F.cross_entropy(logits, label).backward()
-        opt.step()
-    return steps

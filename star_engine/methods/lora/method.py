@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from ...session import RepairSession
-from ..base import RepairMethod
+from ..base import RepairMethod, step_until_right
 from .config import LoraConfig
-from .lora import lora_adapters, train_point
+from .lora import lora_adapters
 
 
 class LoraMethod(RepairMethod):
@@ -23,5 +23,5 @@ class LoraMethod(RepairMethod):
             with torch.enable_grad():
                 for point in session.failing_points():
                     ids = torch.tensor([list(point.context_ids)])
-                    train_point(lambda: model(input_ids=ids).logits[0, -1], opt, point.target, cfg.steps,
+                    step_until_right(lambda: model(input_ids=ids).logits[0, -1], opt, point.target, cfg.steps,
                                 session.check_cancel)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from ..base import step_until_right
 
 
 def descend(
@@ -22,16 +23,7 @@ def descend(
     lr: float,
     check: Callable[[], None] = lambda: None,
 ) -> int:
-    """Up to `steps` SGD steps on CE(forward(), target), stopping as soon as the argmax is the target.
-    `forward` returns the last-position logits. Returns the number of steps taken."""
+    """Up to `steps` plain SGD steps (no momentum, no weight decay) on one failure's token loss,
+    stopping as soon as the argmax is the target. Returns the number of steps taken."""
     opt = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
-    label = torch.tensor(target)
-    for step in range(steps):
-        check()
-        opt.zero_grad(set_to_none=True)
-        logits = forward()
-        if int(logits.argmax()) == target:
-            return step
-        F.cross_entropy(logits, label).backward()
-        opt.step()
-    return steps
+    return step_until_right(forward, opt, target, steps, check)
