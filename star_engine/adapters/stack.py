@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -355,25 +356,8 @@ class PatchStack:
                     size_bytes=sum(len(b) for b in encoded.files.values()),
                     weights_sha256=encoded.weights_sha256,
                 )
-                self._adapters[adapter_id] = adapter
-                try:
-                    broken = self._try_apply(self._applied + [adapter_id], keep_going=keep_going)
-                except RegressionError:
-                    del self._adapters[adapter_id]
-                    raise
-                try:
-                    # (B @ A decodes to exactly these deltas, so a reload gives the same bits.)
-                    atomic_write_dir(self.path / adapter_id, encoded.files)
-                    manifest = self._manifest.copy()
-                    manifest.order.append(adapter_id)
-                    manifest.enabled[adapter_id] = True
-                    self.folder.write_manifest(manifest)
-                    self._manifest = manifest
-                except BaseException:
-                    self._adapters.pop(adapter_id, None)
-                    self._apply_state([i for i in self._applied if i != adapter_id])
-                    raise
-                return self._info(adapter_id, broken)
+                # (B @ A decodes to exactly these deltas, so a reload gives the same bits.)
+                return self._push(adapter, lambda dest: atomic_write_dir(dest, encoded.files), keep_going)
 
     def set_enabled(self, adapter_id: str, enabled: bool, *, keep_going: bool = False) -> PatchInfo:
         """Enable (under the regression policy) or disable (exact restore) one patch."""
@@ -458,28 +442,38 @@ class PatchStack:
                     if (self.path / adapter_id).exists():
                         raise AdapterError(f"{adapter_id} already exists in {self.path}")
                     adapter.id, adapter.path = adapter_id, self.path / adapter_id
-                    self._adapters[adapter_id] = adapter
-                    try:
-                        broken = self._try_apply(self._applied + [adapter_id], keep_going=keep_going)
-                    except RegressionError:
-                        del self._adapters[adapter_id]
-                        raise
-                    try:
+
+                    def place(dest: Path) -> None:
                         os.chmod(staging, 0o755)
-                        os.replace(staging, self.path / adapter_id)
-                        manifest = self._manifest.copy()
-                        manifest.order.append(adapter_id)
-                        manifest.enabled[adapter_id] = True
-                        self.folder.write_manifest(manifest)
-                        self._manifest = manifest
-                    except BaseException:
-                        self._adapters.pop(adapter_id, None)
-                        self._apply_state([i for i in self._applied if i != adapter_id])
-                        raise
-                    return self._info(adapter_id, broken)
+                        os.replace(staging, dest)
+
+                    return self._push(adapter, place, keep_going)
                 finally:
                     if staging.exists():
                         shutil.rmtree(staging, ignore_errors=True)
+
+    def _push(self, adapter: Adapter, place: Callable[[Path], None], keep_going: bool) -> PatchInfo:
+        """Put a validated adapter on top of the stack: apply it under the regression policy, then
+        place its directory and append it to the manifest (last); undo everything if any step fails."""
+        adapter_id = adapter.id
+        self._adapters[adapter_id] = adapter
+        try:
+            broken = self._try_apply(self._applied + [adapter_id], keep_going=keep_going)
+        except RegressionError:
+            del self._adapters[adapter_id]
+            raise
+        try:
+            place(self.path / adapter_id)
+            manifest = self._manifest.copy()
+            manifest.order.append(adapter_id)
+            manifest.enabled[adapter_id] = True
+            self.folder.write_manifest(manifest)
+            self._manifest = manifest
+        except BaseException:
+            self._adapters.pop(adapter_id, None)
+            self._apply_state([i for i in self._applied if i != adapter_id])
+            raise
+        return self._info(adapter_id, broken)
 
     def _same_weights(self, adapter_id: str, sha: str) -> bool:
         if adapter_id in self._adapters:
