@@ -33,6 +33,7 @@ from .format import (
     WEIGHTS_NAME,
     AdapterError,
     atomic_write_file,
+    atomic_write_with,
     meta_cases,
     valid_name,
 )
@@ -314,19 +315,13 @@ class AdapterFolder:
             elif not dest.name.endswith(".zip"):
                 dest = dest.with_name(dest.name + ARCHIVE_SUFFIX)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
-                        for name in ADAPTER_FILES:
-                            z.write(src / name, f"{adapter_id}/{name}")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, dest)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+
+            def pack(f) -> None:
+                with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
+                    for name in ADAPTER_FILES:
+                        z.write(src / name, f"{adapter_id}/{name}")
+
+            atomic_write_with(dest, pack)
             return dest
 
 

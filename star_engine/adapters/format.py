@@ -21,9 +21,11 @@ import re
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -334,11 +336,16 @@ def _write_file(path: Path, data: bytes) -> None:
 
 def atomic_write_file(path: Path, data: bytes) -> None:
     """Write a file so that readers see either the old or the new content: temp file + fsync + rename."""
+    atomic_write_with(path, lambda f: f.write(data))
+
+
+def atomic_write_with(path: Path, fill: Callable[[BinaryIO], object]) -> None:
+    """atomic_write_file for content that `fill` streams into the open temp file (e.g. a zip archive)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
