@@ -56,3 +56,12 @@ def tiny_llama(tokenizer):
 def default_lm():
     """The real embedded default model (SmolLM2-135M). Tests that change its weights must undo them."""
     return load_model()
+
+
+@pytest.fixture
+def one_thread():
+    """Two cores shared by many processes: one torch thread is ~10x faster than two fighting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

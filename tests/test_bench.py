@@ -23,12 +23,7 @@ TINY_SETTINGS = ["--set", "star.lr=0.1", "--set", "sgd.lr=1.0", "--set", "lora.l
                  "--set", "mint.blend=10", "--set", "mint.layers=all"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -16,13 +16,7 @@ TINY = {"sgd": {"lr": "1.0"}, "lora": {"lr": "0.05"}, "mint": {"blend": "10", "l
 SEED = {"llama": 3}   # seed 0's random llama cannot be fixed by MINT's ten neurons; the others can
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared by many processes: one torch thread is ~10x faster than two fighting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weights(lm):

@@ -7,12 +7,7 @@ from star_engine.bench.data import Scored
 from star_engine.bench.metrics import CaseOutcome, Score, score, specificity, summarise, token_em
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_token_exact_match():
