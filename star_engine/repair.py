@@ -12,7 +12,7 @@ from .case import EncodedCase, RepairCase, RepairInputError
 from .generate import writes
 from .methods import get_method
 from .model import LoadedModel
-from .patch import Patch, SavedColumns, WeightSnapshot
+from .patch import Patch, SavedColumns, WeightSnapshot, restore_columns
 from .session import Progress, RepairCancelled, RepairSession
 
 # Greedy decoding may spell the fix with a different (longer) tokenisation than the target's; and the
@@ -91,10 +91,6 @@ def _shown(text: str, enc: EncodedCase) -> str:
     """The completion as an editor would show it: up to the end of the fix's last line."""
     n_lines = enc.target_text.count("\n")
     return "\n".join(text.split("\n")[:n_lines])
-
-
-def encode_cases(lm: LoadedModel, cases: list[RepairCase]) -> list[EncodedCase]:
-    return _encode_checked(lm, cases)[0]
 
 
 def _encode_checked(lm: LoadedModel, cases: list[RepairCase]) -> tuple[list[EncodedCase], list[str]]:
@@ -183,8 +179,6 @@ def _reason(reports: list[CaseReport], failures_seen: int) -> str:
 
 def undo(lm: LoadedModel, result: RepairResult) -> None:
     """Exactly undo a kept repair (restores the original columns)."""
-    from .patch import restore_columns
-
     if result.saved is not None:
         restore_columns(lm.arch, result.saved)
 
