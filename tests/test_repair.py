@@ -49,6 +49,18 @@ def test_a_repair_that_cannot_fix_restores_the_weights_bit_exactly(tiny_llama):
     assert_same_weights(tiny_llama, before)
 
 
+def test_token_mode_gives_up_at_the_first_failure_it_cannot_fix(tiny_llama):
+    case = RepairCase(prompt=PLANTED.prompt, fix=" b * 3 - a")
+    visited = {}
+    for give_up in ("true", "false"):
+        messages = []
+        settings = {"mode": "token", "lr": "1e-9", "steps": "1", "give_up": give_up}
+        result = repair(tiny_llama, [case], "star", settings, progress=lambda m, f: messages.append(m))
+        assert not result.fixed
+        visited[give_up] = len(messages)     # one progress message per failing token visited
+    assert visited["true"] == 1 < visited["false"]
+
+
 def test_same_input_gives_the_same_patch(tokenizer):
     from conftest import make_tiny
 

@@ -23,6 +23,12 @@ class StarConfig:
                           "layer (the single top FFN-skip layer only)"},
     )
     sparsity_ratio: float = field(default=0.25, metadata={"help": "rho: share of d_ff neurons kept by the mask"})
+    give_up: bool = field(
+        default=True,
+        metadata={"help": "token mode: end the repair at the first failing token still wrong after its steps (the "
+                          "repair then fails verification anyway, so it fails fast); false walks on through the "
+                          "later tokens and passes, as the reference code does"},
+    )
     steer: Literal["delta", "basis"] = field(
         default="delta", metadata={"help": "semantic steer b_t - b_a (delta) or b_t alone (basis)"}
     )

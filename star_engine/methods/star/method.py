@@ -24,7 +24,8 @@ class StarMethod(RepairMethod):
             self._repair_batch(session)
         else:
             for point in session.failing_points():
-                self._fix_point(session, point)
+                if not self._fix_point(session, point) and self.config.give_up:
+                    return
 
     # -- locating ---------------------------------------------------------------------------------
 
@@ -43,18 +44,21 @@ class StarMethod(RepairMethod):
 
     # -- token mode -------------------------------------------------------------------------------
 
-    def _fix_point(self, session: RepairSession, point: FailurePoint) -> None:
+    def _fix_point(self, session: RepairSession, point: FailurePoint) -> bool:
+        """Up to `steps` sign steps on this failure; whether its argmax is the target at the end."""
         cfg, arch = self.config, session.arch
         s = semantic_steer(session.lm, point.target, point.predicted, cfg.steer)   # fixed for this failure
         layers, masks = self._locate(session, point)
         ids = torch.tensor([list(point.context_ids)])
         target = torch.tensor(point.target)
-        for _ in range(cfg.steps):
+        for step in range(cfg.steps + 1):
             session.check_cancel()
             with session.trainable(layers) as params, record_activations(arch, layers) as acts:
                 logits = session.lm.model(input_ids=ids).logits[0, -1]
                 if int(logits.argmax()) == point.target:
-                    return
+                    return True
+                if step == cfg.steps:
+                    return False
                 F.cross_entropy(logits, target).backward()
                 for layer, W in zip(layers, params):
                     z = acts[layer][0, -1:].detach()                                # (1, d_ff)
