@@ -51,6 +51,7 @@ class RepairResult:
     cases: list[CaseReport]
     patch: Patch | None = None            # the column deltas, when fixed
     saved: SavedColumns | None = None     # the columns as they were: undo(lm, result) restores them
+    method_seconds: float | None = None   # of `seconds`, the method's own work (not the driver's checks)
 
     @property
     def layers(self) -> list[int]:
@@ -75,6 +76,7 @@ class RepairResult:
             "method": self.method,
             "config": self.config,
             "seconds": round(self.seconds, 3),
+            "method_seconds": None if self.method_seconds is None else round(self.method_seconds, 3),
             "layers": self.layers,
             "neurons": self.neurons,
             "before": self.before,
@@ -125,11 +127,13 @@ def repair(
     before = [(text, teacher_forced_argmax(lm, e)) for e, text in zip(encoded, texts)]
     snapshot = WeightSnapshot(lm.arch)
     session = RepairSession(lm, encoded, cancel=cancel, progress=progress)
+    method_started = time.perf_counter()
     try:
         repairer.repair(session)
     except BaseException:
         snapshot.restore()
         raise
+    method_seconds = time.perf_counter() - method_started
     after = [(_greedy(lm, e), teacher_forced_argmax(lm, e)) for e in encoded]
     reports = [_case_report(lm, e, b, a) for e, b, a in zip(encoded, before, after)]
     fixed = all(r.fixed for r in reports)
@@ -146,6 +150,7 @@ def repair(
         cases=reports,
         patch=patch,
         saved=saved,
+        method_seconds=method_seconds,
     )
 
 

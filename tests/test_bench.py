@@ -97,6 +97,9 @@ def test_bench_on_a_tiny_model_writes_every_output(monkeypatch, tiny_llama, reco
         assert r["generalization_detail"]["n_prompts"] >= 1
     assert res["star"]["fix_rate"] == 1.0
     assert set(res["meta"]["time_ratios"]) == {"star/mint", "star/sgd", "star/lora"}
+    assert set(res["meta"]["method_time_ratios"]) == {"star/mint", "star/sgd", "star/lora"}
+    for m in ("star", "mint", "sgd", "lora"):
+        assert 0 < res[m]["method_seconds_per_case"] < res[m]["seconds_per_case"]
     report = (tmp_path / "a" / "report.md").read_text()
     assert "| star |" in report and "| mint |" in report and "Sequential" in report
     for png in ("em_before_after.png", "seconds_per_case.png", "generalization_vs_specificity.png"):
@@ -104,7 +107,7 @@ def test_bench_on_a_tiny_model_writes_every_output(monkeypatch, tiny_llama, reco
 
 
 def test_bench_is_deterministic_for_a_seed(monkeypatch, tiny_llama, records_file, tmp_path):
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds_per_case", "cases")}
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds_per_case", "method_seconds_per_case", "cases")}
     a = _run(monkeypatch, tiny_llama, records_file, tmp_path / "a", "--methods", "star,lora", "--seed", "3")
     b = _run(monkeypatch, tiny_llama, records_file, tmp_path / "b", "--methods", "star,lora", "--seed", "3")
     for m in ("star", "lora"):

@@ -29,15 +29,15 @@ def test_summary_over_hand_made_outcomes():
     s1 = Score(0.5, False, -1.0)
     s2 = Score(1.0, True, -0.5)
     outcomes = [
-        CaseOutcome(True, 0.2, 1.0, 2.0, 10, 2, [s1], [s2], 0.9, 0.1),
-        CaseOutcome(False, 0.4, 0.6, 4.0, 0, 0, [s1, s1], [s1, s1]),
-        CaseOutcome(True, 0.0, 1.0, 3.0, 30, 4, [], [], 0.7, 0.3),
+        CaseOutcome(True, 0.2, 1.0, 2.0, 10, 2, [s1], [s2], 0.9, 0.1, method_seconds=1.0),
+        CaseOutcome(False, 0.4, 0.6, 4.0, 0, 0, [s1, s1], [s1, s1], method_seconds=3.5),
+        CaseOutcome(True, 0.0, 1.0, 3.0, 30, 4, [], [], 0.7, 0.3, method_seconds=1.0),
     ]
     r = summarise(outcomes)
     assert r["n_cases"] == 3 and r["n_fixed"] == 2
     assert r["fix_rate"] == pytest.approx(2 / 3)
     assert r["em_before"] == pytest.approx(0.2) and r["em_after"] == pytest.approx(2.6 / 3)
-    assert r["seconds_per_case"] == pytest.approx(3.0)
+    assert r["seconds_per_case"] == pytest.approx(3.0) and r["method_seconds_per_case"] == pytest.approx(5.5 / 3)
     assert r["neurons_per_case"] == pytest.approx(20) and r["layers_per_case"] == pytest.approx(3)
     g = r["generalization_detail"]
     assert g["n_cases"] == 2 and g["n_prompts"] == 3

@@ -80,7 +80,8 @@ def cmd_bench(args) -> int:
         "n_cases": len(data.cases), "records_checked": data.checked, "already_right": data.already_right,
         "too_long": data.too_long, "n_controls": len(data.controls), "max_target_tokens": args.max_target_tokens,
         "variants": {v.label: {"method": v.method, "overrides": v.overrides} for v in rows},
-        "time_ratios": time_ratios(results), "torch_threads": torch.get_num_threads(),
+        "time_ratios": time_ratios(results),
+        "method_time_ratios": time_ratios(results, key="method_seconds_per_case"), "torch_threads": torch.get_num_threads(),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     out = Path(args.out)

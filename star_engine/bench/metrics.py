@@ -91,6 +91,7 @@ class CaseOutcome:
     alt_after: list[Score]
     spec_unchanged: float | None = None    # only for kept repairs
     spec_dloglik: float | None = None
+    method_seconds: float | None = None    # the method's own share of `seconds`
 
 
 def summarise(outcomes: Sequence[CaseOutcome]) -> dict:
@@ -123,6 +124,7 @@ def summarise(outcomes: Sequence[CaseOutcome]) -> dict:
         "generalization_detail": gen,
         "specificity_detail": spec,
         "seconds_per_case": mean([o.seconds for o in outcomes]),
+        "method_seconds_per_case": mean([o.method_seconds for o in outcomes]),
         "neurons_per_case": mean([o.neurons for o in fixed]),
         "layers_per_case": mean([o.layers for o in fixed]),
     }

@@ -18,21 +18,22 @@ def _f(x, digits=2, pct=False):
     return f"{100 * x:.0f} %" if pct else f"{x:.{digits}f}"
 
 
-def time_ratios(results: dict, ref: str = "star") -> dict:
+def time_ratios(results: dict, ref: str = "star", key: str = "seconds_per_case") -> dict:
+    """{"star/mint": ..., ...}: the reference row's `key` over each baseline's, from the same run."""
     out = {}
-    if ref not in results:
+    if ref not in results or not results[ref].get(key):
         return out
     for other in ("mint", "sgd", "lora"):
-        if other in results and results[other]["seconds_per_case"]:
-            out[f"{ref}/{other}"] = results[ref]["seconds_per_case"] / results[other]["seconds_per_case"]
+        if other in results and results[other].get(key):
+            out[f"{ref}/{other}"] = results[ref][key] / results[other][key]
     return out
 
 
 def table(results: dict) -> str:
     rows = [
         "| method | cases | fix rate | EM before → after | gen. EM before → after (prompts) | gen. fix rate after "
-        "| spec. unchanged | spec. mean abs Δlog-lik | s / case | neurons / case | layers / case |",
-        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "| spec. unchanged | spec. mean abs Δlog-lik | s / case | method s / case | neurons / case | layers / case |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, r in results.items():
         g, s = r["generalization_detail"], r["specificity_detail"]
@@ -40,7 +41,7 @@ def table(results: dict) -> str:
             f"| {label} | {r['n_cases']} | {_f(r['fix_rate'], pct=True)} | {_f(r['em_before'])} → {_f(r['em_after'])} "
             f"| {_f(g['em_before'])} → {_f(g['em_after'])} ({g['n_prompts']}) | {_f(g['fix_rate_after'], pct=True)} "
             f"| {_f(s['unchanged'], pct=True)} | {_f(s['mean_abs_dloglik'], 3)} | {_f(r['seconds_per_case'], 1)} "
-            f"| {_f(r['neurons_per_case'], 0)} | {_f(r['layers_per_case'], 1)} |"
+            f"| {_f(r.get('method_seconds_per_case'), 1)} | {_f(r['neurons_per_case'], 0)} | {_f(r['layers_per_case'], 1)} |"
         )
     return "\n".join(rows)
 
@@ -119,6 +120,8 @@ DEFINITIONS = """\
   other records) whose greedy first line is unchanged, and the mean absolute change of that line's mean
   per-token log-likelihood.
 * **s / case**: wall-clock seconds of the repair call (the same driver checks for every method);
+  **method s / case**: the part of it spent in the method itself, without the driver's input check and
+  verification (greedy decoding before and after, identical work for every method);
   **neurons / layers per case**: columns / layers changed by the kept patches.
 """
 
@@ -127,7 +130,7 @@ def write(out: Path, results: dict, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results | {"meta": meta}, indent=2))
     plots = plot(results, out)
-    ratios = meta.get("time_ratios", {})
+    ratios, method_ratios = meta.get("time_ratios", {}), meta.get("method_time_ratios", {})
     lines = [
         f"# Repair benchmark: {meta['data']}",
         "",
@@ -142,6 +145,9 @@ def write(out: Path, results: dict, meta: dict) -> None:
     ]
     if ratios:
         lines += ["Time ratios (same run): " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()), ""]
+    if method_ratios:
+        lines += ["Method-time ratios (same run, the driver's shared checks left out): "
+                  + ", ".join(f"{k} = {v:.2f}" for k, v in method_ratios.items()), ""]
     seq = sequential_table(results)
     if seq:
         lines += ["## Sequential mode (cumulative repairs, no reset)", "", seq, ""]

@@ -68,7 +68,7 @@ def _outcome(lm: LoadedModel, data: BenchData, bc, result, alt_before, ctl_befor
     else:   # restored bit for bit by the driver: nothing moved
         alt_after, unchanged, dll = alt_before, None, None
     return CaseOutcome(result.fixed, report.em_before, report.em_after, result.seconds, result.neurons,
-                       len(result.layers), alt_before, alt_after, unchanged, dll)
+                       len(result.layers), alt_before, alt_after, unchanged, dll, result.method_seconds)
 
 
 def run_independent(lm: LoadedModel, data: BenchData, variant: Variant, tick: Callable[[], None] = lambda: None) -> dict:
@@ -86,7 +86,8 @@ def run_independent(lm: LoadedModel, data: BenchData, variant: Variant, tick: Ca
     summary["config"] = asdict(get_method(variant.method, variant.overrides).config)
     summary["cases"] = [
         {"id": bc.record.get("id"), "fixed": o.fixed, "em_before": o.em_before, "em_after": o.em_after,
-         "seconds": round(o.seconds, 3), "neurons": o.neurons, "layers": o.layers}
+         "seconds": round(o.seconds, 3),
+         "method_seconds": round(o.method_seconds, 3), "neurons": o.neurons, "layers": o.layers}
         for bc, o in zip(data.cases, outcomes)
     ]
     return summary
