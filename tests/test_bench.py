@@ -102,6 +102,7 @@ def test_bench_on_a_tiny_model_writes_every_output(monkeypatch, tiny_llama, reco
         assert 0 < res[m]["method_seconds_per_case"] < res[m]["seconds_per_case"]
     report = (tmp_path / "a" / "report.md").read_text()
     assert "| star |" in report and "| mint |" in report and "Sequential" in report
+    assert "Ranked by the selection rule" in report and "Method-time ratios" in report
     for png in ("em_before_after.png", "seconds_per_case.png", "generalization_vs_specificity.png"):
         assert (tmp_path / "a" / png).read_bytes()[:4] == b"\x89PNG"
 

@@ -71,3 +71,20 @@ def test_a_continuation_that_is_the_models_own_argmax_is_exact(tiny_llama):
     [s] = score(tiny_llama, [Scored((5, 6, 7), (1,))])
     [again] = score(tiny_llama, [Scored((5, 6, 7), s.predicted)])
     assert again.exact and again.em == 1.0
+
+
+def test_ranking_puts_effectiveness_then_specificity_then_time_first():
+    from star_engine.bench.report import ranking
+
+    def row(fix, em, spec, dll, sec):
+        return {"fix_rate": fix, "em_after": em, "specificity": spec, "seconds_per_case": sec,
+                "specificity_detail": {"mean_abs_dloglik": dll}}
+
+    results = {
+        "slow_specific": row(0.9, 1.0, 0.9, 0.1, 9.0),
+        "fast_specific": row(0.9, 1.0, 0.9, 0.1, 2.0),
+        "leaky": row(0.9, 1.0, 0.5, 0.1, 1.0),
+        "fixes_more": row(1.0, 1.0, 0.1, 3.0, 20.0),
+        "fixes_none": row(0.0, 0.6, None, None, 1.0),
+    }
+    assert ranking(results) == ["fixes_more", "fast_specific", "slow_specific", "leaky", "fixes_none"]

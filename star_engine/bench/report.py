@@ -29,6 +29,24 @@ def time_ratios(results: dict, ref: str = "star", key: str = "seconds_per_case")
     return out
 
 
+def _worst_first(x, lower_is_better=False):
+    """A sort key where a missing value ranks last."""
+    if x is None:
+        return float("inf")
+    return x if lower_is_better else -x
+
+
+def ranking(results: dict) -> list[str]:
+    """The rows best first by the selection rule: effectiveness (fix rate, then EM after), then specificity
+    (controls unchanged, then mean |delta log-lik|), then time."""
+    def key(label):
+        r = results[label]
+        return (_worst_first(r["fix_rate"]), _worst_first(r["em_after"]), _worst_first(r["specificity"]),
+                _worst_first(r["specificity_detail"]["mean_abs_dloglik"], True),
+                _worst_first(r["seconds_per_case"], True))
+    return sorted(results, key=key)
+
+
 def table(results: dict) -> str:
     rows = [
         "| method | cases | fix rate | EM before → after | gen. EM before → after (prompts) | gen. fix rate after "
@@ -148,6 +166,9 @@ def write(out: Path, results: dict, meta: dict) -> None:
     if method_ratios:
         lines += ["Method-time ratios (same run, the driver's shared checks left out): "
                   + ", ".join(f"{k} = {v:.2f}" for k, v in method_ratios.items()), ""]
+    if len(results) > 1:
+        lines += ["Ranked by the selection rule (fix rate, EM after, controls unchanged, mean |Δlog-lik|, "
+                  "s / case): " + " > ".join(f"`{label}`" for label in ranking(results)), ""]
     seq = sequential_table(results)
     if seq:
         lines += ["## Sequential mode (cumulative repairs, no reset)", "", seq, ""]
