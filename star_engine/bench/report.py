@@ -110,8 +110,12 @@ def plot(results: dict, out: Path) -> list[str]:
         g = results[l]["generalization_detail"]
         gain = (g["em_after"] - g["em_before"]) if g["em_after"] is not None else 0.0
         spec = results[l]["specificity"]
-        ax.scatter([gain], [spec if spec is not None else 1.0])
-        ax.annotate(l, (gain, spec if spec is not None else 1.0), fontsize=8)
+        if spec is None:    # no repair kept: nothing moved, which is not a specificity to compare
+            ax.scatter([gain], [1.0], facecolors="none", edgecolors="gray")
+            ax.annotate(f"{l} (no repair kept)", (gain, 1.0), fontsize=8, color="gray")
+        else:
+            ax.scatter([gain], [spec])
+            ax.annotate(l, (gain, spec), fontsize=8)
     ax.set_xlabel("generalization: EM gain on other phrasings")
     ax.set_ylabel("specificity: controls unchanged")
     ax.set_title("Generalization vs specificity")
