@@ -81,7 +81,8 @@ def cmd_bench(args) -> int:
         "too_long": data.too_long, "n_controls": len(data.controls), "max_target_tokens": args.max_target_tokens,
         "variants": {v.label: {"method": v.method, "overrides": v.overrides} for v in rows},
         "time_ratios": time_ratios(results),
-        "method_time_ratios": time_ratios(results, key="method_seconds_per_case"), "torch_threads": torch.get_num_threads(),
+        "method_time_ratios": time_ratios(results, key="method_seconds_per_case"),
+        "torch_threads": torch.get_num_threads(),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     out = Path(args.out)

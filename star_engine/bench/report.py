@@ -29,8 +29,8 @@ def time_ratios(results: dict, ref: str = "star", key: str = "seconds_per_case")
     return out
 
 
-def _worst_first(x, lower_is_better=False):
-    """A sort key where a missing value ranks last."""
+def _best_first(x, lower_is_better=False):
+    """Sort key: the better value first, a missing value last."""
     if x is None:
         return float("inf")
     return x if lower_is_better else -x
@@ -41,9 +41,9 @@ def ranking(results: dict) -> list[str]:
     (controls unchanged, then mean |delta log-lik|), then time."""
     def key(label):
         r = results[label]
-        return (_worst_first(r["fix_rate"]), _worst_first(r["em_after"]), _worst_first(r["specificity"]),
-                _worst_first(r["specificity_detail"]["mean_abs_dloglik"], True),
-                _worst_first(r["seconds_per_case"], True))
+        return (_best_first(r["fix_rate"]), _best_first(r["em_after"]), _best_first(r["specificity"]),
+                _best_first(r["specificity_detail"]["mean_abs_dloglik"], True),
+                _best_first(r["seconds_per_case"], True))
     return sorted(results, key=key)
 
 
