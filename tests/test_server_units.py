@@ -123,9 +123,9 @@ def test_fim_prompt_when_the_model_has_fim_tokens():
     source = "def average(xs):\n    total = \n    return total / len(xs)\n"
     offset = source.index("total = ") + len("total = ")
     prompt = build_prompt(Context.at(source, offset, 200), _FimTokenizer())
-    assert prompt.fim and prompt.heal == ""
+    assert prompt.fim and prompt.heal == " "   # the prefix is healed too: the middle starts with " "
     assert prompt.text == (
-        "<|fim_prefix|>def average(xs):\n    total = <|fim_suffix|>\n    return total / len(xs)\n<|fim_middle|>"
+        "<|fim_prefix|>def average(xs):\n    total =<|fim_suffix|>\n    return total / len(xs)\n<|fim_middle|>"
     )
     # no suffix: a plain prompt
     assert not build_prompt(Context.at("x = ", 4, 200), _FimTokenizer()).fim
