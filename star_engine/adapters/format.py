@@ -451,28 +451,49 @@ def parse_safetensors_header(data: bytes, *, what: str = WEIGHTS_NAME) -> dict[s
     return out
 
 
-def _pattern_value(pattern, module: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+MAX_TARGET_MODULES = 4096         # entries of target_modules read at most (star writes one per patched layer)
+
+
+def _target_list(config: dict) -> list[str]:
+    """`target_modules` as a list of module names. Never a regular expression: peft evaluates a string as
+    one (`re.fullmatch`), and a hostile pattern can backtrack for hours, so a string is refused."""
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        shown = targets if len(targets) <= 40 else targets[:39] + "…"
+        raise AdapterError(
+            f"adapter_config.json: target_modules is a pattern ({shown!r}); only a list of module names is accepted"
+        )
+    if targets is None:
+        return []
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise AdapterError("adapter_config.json: target_modules must be a list of module names")
+    if len(targets) > MAX_TARGET_MODULES:
+        raise AdapterError(f"adapter_config.json: target_modules has {len(targets)} entries (at most {MAX_TARGET_MODULES})")
+    return targets
+
+
+def _targets(targets: list[str], module: str) -> bool:
+    """peft's matching for a list: the exact module path, or a suffix of it at a '.' boundary."""
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def _exact_pattern(config: dict, name: str, modules: set[str]) -> dict:
+    """`rank_pattern` / `alpha_pattern` whose keys are module paths of this model, exactly as star writes
+    them. peft reads the keys as regular expressions; here they are compared as strings, and any other
+    key is refused (so no pattern from a file is ever evaluated)."""
+    pattern = config.get(name)
+    if pattern is None:
+        return {}
     if not isinstance(pattern, dict):
-        return default
-    for key, value in pattern.items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return value
-        except re.error:
-            raise AdapterError(f"adapter_config.json has an invalid pattern {key!r}") from None
-    return default
-
-
-def _targets(target_modules, module: str) -> bool:
-    if isinstance(target_modules, str):
-        try:
-            return re.fullmatch(target_modules, module) is not None
-        except re.error:
-            raise AdapterError("adapter_config.json has an invalid target_modules regex") from None
-    if isinstance(target_modules, list):
-        return any(isinstance(t, str) and (module == t or module.endswith("." + t)) for t in target_modules)
-    return False
+        raise AdapterError(f"adapter_config.json: {name} must be an object {{module path: value}}")
+    for key in pattern:
+        if key not in modules:
+            shown = key if len(key) <= 60 else key[:59] + "…"
+            raise AdapterError(
+                f"adapter_config.json: {name} key {shown!r} is not a module path of this model "
+                "(keys are module paths, never patterns)"
+            )
+    return pattern
 
 
 def check_config(config: dict) -> None:
@@ -487,6 +508,9 @@ def check_config(config: dict) -> None:
         raise AdapterError("adapter_config.json: modules_to_save is set; a STAR adapter only adds column deltas")
     if config.get("layer_replication"):
         raise AdapterError("adapter_config.json: layer_replication is not supported")
+    for key in ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters", "trainable_token_indices"):
+        if config.get(key):
+            raise AdapterError(f"adapter_config.json: {key} is set; a STAR adapter names its modules in target_modules only")
 
 
 def check_meta(meta: dict, lm: LoadedModel) -> dict:
@@ -582,16 +606,20 @@ def load_adapter(
             )
         ranks[layer] = ra
 
-    # Config: every module targeted, scale alpha / r exactly 1.
+    # Config: every module targeted, scale alpha / r exactly 1 (no pattern is ever evaluated).
+    modules = {arch.out_proj_name(l) for l in range(arch.n_layers)}
+    targets = _target_list(config)
+    rank_pattern = _exact_pattern(config, "rank_pattern", modules)
+    alpha_pattern = _exact_pattern(config, "alpha_pattern", modules)
     for layer, r in ranks.items():
         module = arch.out_proj_name(layer)
-        if not _targets(config.get("target_modules"), module):
+        if not _targets(targets, module):
             raise AdapterError(f"adapter_config.json does not target {module}")
-        r_cfg = _pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
-        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
-        if r_cfg != r:
+        r_cfg = rank_pattern.get(module, config.get("r", 8))
+        alpha = alpha_pattern.get(module, config.get("lora_alpha", 8))
+        if isinstance(r_cfg, bool) or not isinstance(r_cfg, int) or r_cfg != r:
             raise AdapterError(f"adapter_config.json gives {module} rank {r_cfg}, the weights have rank {r}")
-        if not isinstance(alpha, (int, float)) or alpha != r:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha != r:
             raise AdapterError(f"adapter_config.json: lora_alpha of {module} is {alpha}, expected r = {r} (scale 1)")
 
     # Fingerprint of the base weights.

@@ -1,0 +1,114 @@
+"""Hostile input (issue 15): adapter files built to hang, wreck or confuse star, and requests built to crash
+the server. Every one must get a one-line refusal (or a JSON-RPC error) and change nothing; tiny random
+models, real files, a real pygls server for the LSP part."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from star_engine.adapters import AdapterError, PatchStack, load_adapter, save_adapter
+from star_engine.adapters.format import CONFIG_NAME, META_NAME, WEIGHTS_NAME
+from test_adapters import CASES, fake_result, folder_listing, hand_patch, rewrite_weights, same_weights, snapshot
+
+HOSTILE_COUNTS: dict[str, int] = {}    # class of hostile input -> how many the tests send (see the report)
+
+
+def count(kind: str, n: int = 1) -> None:
+    HOSTILE_COUNTS[kind] = HOSTILE_COUNTS.get(kind, 0) + n
+
+
+# -- adapter files ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def adapter(tokenizer, tmp_path) -> Path:
+    """A valid adapter made on the tiny Llama (seed 0): one-hot layer 1, identity layer 2."""
+    lm = make_tiny("llama", tokenizer)
+    return save_adapter(lm, fake_result(lm, hand_patch(lm)), tmp_path / "colleague" / "shared")
+
+
+@pytest.fixture
+def stack(tiny_llama, tmp_path) -> PatchStack:
+    """The user's stack with one patch of their own already applied."""
+    s = PatchStack(tiny_llama, tmp_path / "mine")
+    s.load()
+    s.add(fake_result(tiny_llama, hand_patch(tiny_llama, seed=7), CASES[1]))
+    return s
+
+
+def archive_of(directory: Path, tmp_path: Path) -> Path:
+    out = tmp_path / f"{directory.name}.star.zip"
+    with zipfile.ZipFile(out, "w") as z:
+        for p in directory.iterdir():
+            z.write(p, f"{directory.name}/{p.name}")
+    return out
+
+
+def assert_refused(stack: PatchStack, source: Path, match: str, tmp_path: Path, *, archive: bool = True) -> None:
+    """Import `source` (the directory, and the same files as a .star.zip): refused with one line, the weights
+    and the folder exactly as they were."""
+    before, listing = snapshot(stack.lm), folder_listing(stack.path)
+    sources = [source, archive_of(source, tmp_path)] if archive else [source]
+    for src in sources:
+        count("adapter file")
+        started = time.perf_counter()
+        with pytest.raises(AdapterError, match=match) as err:
+            stack.import_(src)
+        assert time.perf_counter() - started < 10
+        assert "\n" not in str(err.value)
+        assert same_weights(stack.lm, before) and folder_listing(stack.path) == listing
+
+
+def edit_json(directory: Path, name: str, change) -> None:
+    data = json.loads((directory / name).read_text())
+    change(data)
+    (directory / name).write_text(json.dumps(data))
+
+
+# 0. ReDoS: no pattern from a file is ever evaluated.
+
+CATASTROPHIC = "(.*.*)*!"       # backtracks for hours against any module path
+
+
+def _modules(config: dict) -> list[str]:
+    return list(config["rank_pattern"])
+
+
+CONFIG_PATTERNS = {
+    "target-regex-catastrophic": (lambda c: c.update(target_modules=CATASTROPHIC), "target_modules is a pattern"),
+    "target-regex-benign": (lambda c: c.update(target_modules=r".*\.down_proj"), "target_modules is a pattern"),
+    "target-all-linear": (lambda c: c.update(target_modules="all-linear"), "target_modules is a pattern"),
+    "target-not-strings": (lambda c: c.update(target_modules=[*_modules(c), 5]), "list of module names"),
+    "rank-key-catastrophic": (
+        lambda c: c.update(rank_pattern={CATASTROPHIC: 1, **c["rank_pattern"]}), "not a module path"),
+    "alpha-key-catastrophic": (
+        lambda c: c.update(alpha_pattern={CATASTROPHIC: 1, **c["alpha_pattern"]}), "not a module path"),
+    "rank-key-suffix-regex": (
+        lambda c: c.update(rank_pattern={r"layers\.\d+\.mlp\.down_proj": 3}), "not a module path"),
+    "rank-not-object": (lambda c: c.update(rank_pattern=["x"]), "must be an object"),
+    "rank-bool": (lambda c: c["rank_pattern"].update({m: True for m in _modules(c)}), "rank"),
+    "exclude-modules": (lambda c: c.update(exclude_modules=CATASTROPHIC), "exclude_modules is set"),
+    "layers-pattern": (lambda c: c.update(layers_pattern=CATASTROPHIC, layers_to_transform=[1]), "is set"),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", list(CONFIG_PATTERNS))
+def test_patterns_in_adapter_config_are_refused_without_being_evaluated(kind, adapter, stack, tmp_path):
+    change, match = CONFIG_PATTERNS[kind]
+    edit_json(adapter, CONFIG_NAME, change)
+    assert_refused(stack, adapter, match, tmp_path)
+
+
+def test_module_names_star_writes_and_peft_suffixes_are_accepted(adapter, stack):
+    edit_json(adapter, CONFIG_NAME, lambda c: c.update(target_modules=["down_proj"]))   # peft's suffix match
+    info = stack.import_(adapter)
+    assert info.applied
