@@ -112,3 +112,58 @@ def test_module_names_star_writes_and_peft_suffixes_are_accepted(adapter, stack)
     edit_json(adapter, CONFIG_NAME, lambda c: c.update(target_modules=["down_proj"]))   # peft's suffix match
     info = stack.import_(adapter)
     assert info.applied
+
+
+# 1. Absurd but finite values: the delta bound, then the probe.
+
+
+def _scale_b(value: float, dtype=torch.float32):
+    def spoil(d: Path) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(d / WEIGHTS_NAME)
+        for key in [k for k in tensors if k.endswith("lora_B.weight") and ".1." in k]:   # the one-hot layer
+            tensors[key] = torch.full_like(tensors[key], value, dtype=dtype)
+        rewrite_weights(d, tensors)
+
+    return spoil
+
+
+ABSURD = {"1e30": _scale_b(1e30), "1e4": _scale_b(1e4), "bf16-1e30": _scale_b(1e30, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("kind", list(ABSURD))
+def test_an_adapter_that_moves_columns_absurdly_far_is_refused(kind, adapter, stack, tmp_path):
+    ABSURD[kind](adapter)
+    assert_refused(stack, adapter, r"layer 1: the adapter moves neuron \d+ by .*x the norm of its column", tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["1e30", "bf16-1e30"])
+def test_behind_the_bound_the_probe_refuses_a_model_that_breaks_down(kind, adapter, stack, tmp_path, monkeypatch):
+    from star_engine.adapters import format as fmt
+
+    monkeypatch.setattr(fmt, "MAX_DELTA_RATIO", float("inf"))      # only the probe stands in the way now
+    ABSURD[kind](adapter)
+    assert_refused(stack, adapter, "breaks down on a probe prompt", tmp_path)
+
+
+def test_an_absurd_adapter_dropped_into_the_watched_folder_is_ignored(adapter, stack):
+    import shutil
+
+    ABSURD["1e30"](adapter)
+    before = snapshot(stack.lm)
+    shutil.copytree(adapter, stack.path / "dropped")
+    count("adapter file")
+    [message] = stack.sync()
+    assert message.startswith("ignored dropped: layer 1: the adapter moves neuron")
+    assert same_weights(stack.lm, before) and "dropped" not in [i.id for i in stack.list()]
+
+
+def test_the_bound_and_the_probe_accept_ordinary_patches_in_every_family(tiny_lm, tokenizer, tmp_path):
+    """hand_patch moves columns by up to 45x their norm on GPT-2's tiny random weights (std 0.02 / sqrt(8))."""
+    family = tiny_lm.name.removeprefix("tiny-")
+    path = save_adapter(tiny_lm, fake_result(tiny_lm, hand_patch(tiny_lm)), tmp_path / "fix")
+    lm = make_tiny(family, tokenizer)
+    before = snapshot(lm)
+    assert sorted(load_adapter(lm, path).patch.layers) == [1, 2]
+    assert same_weights(lm, before)                  # the probe's hooks never write the weights

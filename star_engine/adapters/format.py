@@ -496,6 +496,79 @@ def _exact_pattern(config: dict, name: str, modules: set[str]) -> dict:
     return pattern
 
 
+# -- what an adapter may do to the model ---------------------------------------------------------------------
+
+MAX_DELTA_RATIO = 100.0
+"""An adapter may move a column (neuron) of an output projection by at most this many times the norm of that
+column before the patch (columns whose norm is below the layer's median count as the median, so a zero
+column is not a loophole). Real STAR patches are far inside it: a dense repair of the default model moves
+no column by more than 4 % of its norm; the largest ratio seen, on the tiny random models of the tests
+(weights of std 0.02), is 45x. An absurd lora_B (1e4, 1e30) exceeds it by orders of magnitude."""
+
+_HIDDEN_LIMIT = math.sqrt(torch.finfo(torch.float32).max) / 64   # a larger |h| overflows when squared and summed
+PROBE_TEXT = "def mean(values):\n    total = sum(values)\n    return total / len(values)\n"
+
+
+def check_delta_bound(layer: int, columns: torch.Tensor, delta: torch.Tensor, base: torch.Tensor) -> None:
+    """Refuse a layer delta that moves any patched column by more than MAX_DELTA_RATIO x its base norm.
+    `base` is the layer's (d, d_ff) weight before the patch; `columns`/`delta` the patch's column form."""
+    if not len(columns):
+        return
+    norms = torch.linalg.vector_norm(base.detach().to(torch.float64), dim=0)
+    floor = max(float(norms.median()), 1e-12)
+    reference = torch.clamp(norms[columns.long()], min=floor)
+    moved = torch.linalg.vector_norm(delta.detach().to(torch.float64), dim=0)
+    ratio = moved / reference
+    worst = int(torch.argmax(ratio))
+    if not bool(torch.isfinite(ratio).all()) or float(ratio[worst]) > MAX_DELTA_RATIO:
+        raise AdapterError(
+            f"layer {layer}: the adapter moves neuron {int(columns[worst])} by {float(ratio[worst]):.3g}x the norm of "
+            f"its column (at most {MAX_DELTA_RATIO:g}x is accepted)"
+        )
+
+
+def _probe_ids(lm: LoadedModel) -> torch.Tensor:
+    try:
+        ids = lm.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001 - any tokenizer: fall back to fixed ids
+        ids = []
+    vocab = int(getattr(lm.model.config, "vocab_size", 0) or 2)
+    ids = [i for i in ids if isinstance(i, int) and 0 <= i < vocab][:32] or [i % vocab for i in range(1, 17)]
+    return torch.tensor([ids])
+
+
+@torch.no_grad()
+def check_probe(lm: LoadedModel, patch: Patch) -> None:
+    """Run a fixed probe prompt through the model as it is, with `patch` added on top (through forward hooks
+    on the patched output projections: the weights themselves are never written), and refuse the patch if
+    the model breaks down numerically: a hidden state that is not finite or so large that its square
+    overflows float32 (RMSNorm / LayerNorm then silently return zeros), or logits that are not finite or
+    all equal at some position. Callers hold whatever lock guards the model (the stack's)."""
+    handles = []
+    try:
+        for layer, ld in patch.layers.items():
+            cols, delta_t = ld.columns.long(), ld.delta.detach().to(torch.float32).T.contiguous()
+
+            def add_delta(_module, inputs, output, cols=cols, delta_t=delta_t):
+                return output + inputs[0][..., cols].to(delta_t.dtype) @ delta_t
+
+            handles.append(lm.arch.out_proj(layer).register_forward_hook(add_delta))
+        out = lm.model(input_ids=_probe_ids(lm), output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    broken = "with this adapter applied the model breaks down on a probe prompt"
+    for h in out.hidden_states or ():
+        h = h.detach().to(torch.float32)
+        if not all_finite(h) or float(h.abs().max()) > _HIDDEN_LIMIT:
+            raise AdapterError(f"{broken}: its hidden states overflow (|h| up to {float(h.abs().max()):.3g})")
+    logits = out.logits.detach().to(torch.float32)
+    if not all_finite(logits):
+        raise AdapterError(f"{broken}: its logits are not finite (inf or nan)")
+    if bool(((logits.amax(dim=-1) - logits.amin(dim=-1)) <= 0).any()):
+        raise AdapterError(f"{broken}: its logits are all equal")
+
+
 def check_config(config: dict) -> None:
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"adapter_config.json: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
@@ -541,13 +614,24 @@ def _weight_files(directory: Path) -> list[Path]:
 
 
 def load_adapter(
-    lm: LoadedModel, directory, *, base_digest=None, max_bytes: int = MAX_BYTES, adapter_id: str | None = None
+    lm: LoadedModel,
+    directory,
+    *,
+    base_digest=None,
+    max_bytes: int = MAX_BYTES,
+    adapter_id: str | None = None,
+    base_columns=None,
+    probe: bool = True,
 ) -> Adapter:
     """Validate an adapter directory against this model and read it. Nothing is applied; the model is only
-    read (to fingerprint the base weights). Raises AdapterError with a one-line reason.
+    read (to fingerprint the base weights, bound the deltas and run the probe). Raises AdapterError with a
+    one-line reason.
 
     `base_digest(layer)` gives the sha256 of the *base* weights of a layer (PatchStack passes its own,
-    since its model has patches applied); by default the model's current weights."""
+    since its model has patches applied); by default the model's current weights. `base_columns(layer)`
+    gives the (d, d_ff) weight the delta bound is measured against; by default the model's current weights
+    (the base plus whatever patches are applied). `probe`: run `check_probe` with the patch on top of the
+    model as it is now."""
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterError(f"{directory} is not an adapter directory")
@@ -649,8 +733,11 @@ def load_adapter(
         cols, delta = decode_factors(a, b)
         if not all_finite(delta):
             raise AdapterError(f"layer {layer}: the adapter's delta overflows")
+        check_delta_bound(layer, cols, delta, base_columns(layer) if base_columns else arch.columns(layer))
         if len(cols):
             patch.layers[layer] = LayerDelta(cols, delta)
+    if probe and patch.layers:
+        check_probe(lm, patch)
     encoding = {int(k): v for k, v in (meta.get("encoding") or {}).items() if str(k).isdigit()}
     return Adapter(
         id=adapter_id or directory.name,
