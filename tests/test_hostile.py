@@ -167,3 +167,86 @@ def test_the_bound_and_the_probe_accept_ordinary_patches_in_every_family(tiny_lm
     before = snapshot(lm)
     assert sorted(load_adapter(lm, path).patch.layers) == [1, 2]
     assert same_weights(lm, before)                  # the probe's hooks never write the weights
+
+
+# 7. Files that are not files: FIFOs, links out of the folder, devices, huge sparse files.
+
+
+def _fifo(name):
+    def spoil(d: Path) -> None:
+        (d / name).unlink()
+        os.mkfifo(d / name)
+
+    return spoil
+
+
+def _link(name, target):
+    def spoil(d: Path) -> None:
+        (d / name).unlink()
+        (d / name).symlink_to(target)
+
+    return spoil
+
+
+def _link_outside(name):
+    def spoil(d: Path) -> None:                       # the same bytes, but kept outside the adapter directory
+        outside = d.parent / f"outside-{name}"
+        (d / name).rename(outside)
+        (d / name).symlink_to(outside)
+
+    return spoil
+
+
+def _sparse(name, size):
+    def spoil(d: Path) -> None:
+        os.truncate(d / name, size)
+
+    return spoil
+
+
+NOT_FILES = {
+    "meta-fifo": (_fifo(META_NAME), "star.json .*not a regular file"),
+    "config-fifo": (_fifo(CONFIG_NAME), "adapter_config.json is not a regular file"),
+    "weights-fifo": (_fifo(WEIGHTS_NAME), "not a regular file"),
+    "meta-dev-zero": (_link(META_NAME, "/dev/zero"), "symbolic link"),
+    "weights-dev-zero": (_link(WEIGHTS_NAME, "/dev/zero"), "symbolic link"),
+    "meta-link-outside": (_link_outside(META_NAME), "symbolic link"),
+    "weights-link-outside": (_link_outside(WEIGHTS_NAME), "symbolic link"),
+    "meta-huge-sparse": (_sparse(META_NAME, 64 * 2**20), "too large"),
+    "config-huge-sparse": (_sparse(CONFIG_NAME, 64 * 2**20), "too large"),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", list(NOT_FILES))
+def test_files_that_are_not_regular_files_are_refused_without_blocking(kind, adapter, stack, tmp_path):
+    spoil, match = NOT_FILES[kind]
+    spoil(adapter)
+    assert_refused(stack, adapter, match, tmp_path, archive=False)     # a zip cannot hold these
+    # Dropped into the stack folder (what the watcher syncs): ignored, and listing it does not hang.
+    before = snapshot(stack.lm)
+    os.rename(adapter, stack.path / "dropped")
+    count("adapter file")
+    [message] = stack.sync()
+    assert message.startswith("ignored dropped:") and "\n" not in message
+    assert same_weights(stack.lm, before)
+    from star_engine.adapters import AdapterFolder
+
+    listed = AdapterFolder(stack.path).list()                  # `star adapters list`: returns, does not block
+    assert [i.id for i in listed] == [i.id for i in stack.list()] + ["dropped"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_a_manifest_that_is_not_a_file_is_rebuilt_from_the_folder(kind, stack, tiny_llama, tokenizer):
+    manifest = stack.path / "stack.json"
+    manifest.unlink()
+    if kind == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.symlink_to("/dev/zero")
+    count("adapter file")
+    again = PatchStack(make_tiny("llama", tokenizer), stack.path)
+    [message] = again.load()
+    assert "stack.json" in message and "rebuilt from the folder" in message
+    assert again.applied == stack.applied

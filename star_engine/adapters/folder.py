@@ -29,12 +29,14 @@ import platformdirs
 from .format import (
     ADAPTER_FILES,
     MAX_BYTES,
+    MAX_JSON_BYTES,
     META_NAME,
     WEIGHTS_NAME,
     AdapterError,
     atomic_write_file,
     atomic_write_with,
     meta_cases,
+    read_regular_file,
     valid_name,
 )
 
@@ -108,14 +110,12 @@ class PatchInfo:
 
 
 def read_meta(directory: Path) -> dict:
-    """star.json, tolerantly (for listing): {} when missing or unreadable."""
+    """star.json, tolerantly (for listing): {} when missing or unreadable (also when it is not a regular
+    file, a link, or too large: never blocks, never reads more than the cap)."""
     try:
-        p = directory / META_NAME
-        if p.stat().st_size > 4 * 2**20:
-            return {}
-        data = json.loads(p.read_bytes())
+        data = json.loads(read_regular_file(directory / META_NAME, MAX_JSON_BYTES, META_NAME))
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (AdapterError, ValueError, RecursionError):
         return {}
 
 
@@ -170,17 +170,17 @@ class AdapterFolder:
     def read_manifest(self) -> tuple[Manifest, list[str]]:
         """The manifest as stored (empty when absent); unreadable -> empty plus a warning."""
         p = self.path / MANIFEST
-        try:
-            raw = p.read_bytes()
-        except FileNotFoundError:
+        if not os.path.lexists(p):
             return Manifest(), []
-        except OSError as e:
-            return Manifest(), [f"cannot read {MANIFEST}: {e.strerror}; rebuilt from the folder"]
+        try:
+            raw = read_regular_file(p, MAX_JSON_BYTES, MANIFEST)
+        except AdapterError as e:
+            return Manifest(), [f"{e}; rebuilt from the folder"]
         try:
             data = json.loads(raw)
             order = [str(i) for i in data["order"]]
             enabled = {str(k): bool(v) for k, v in (data.get("enabled") or {}).items()}
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return Manifest(), [f"{MANIFEST} is unreadable; rebuilt from the folder"]
         seen, dedup = set(), []
         for i in order:
@@ -223,7 +223,8 @@ class AdapterFolder:
         meta = read_meta(directory)
         neurons = meta.get("n_neurons")
         try:
-            size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+            size = sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(directory)
+                       if e.is_file(follow_symlinks=False))
         except OSError:
             size = 0
         if not meta and problem is None:
@@ -394,17 +395,18 @@ def zlib_error():
     return zlib.error
 
 
-def copy_adapter_dir(src: Path, into: Path) -> None:
-    """Copy an adapter directory's known files (no links, no pickles) into `into`."""
+def copy_adapter_dir(src: Path, into: Path, *, max_bytes: int = MAX_BYTES) -> None:
+    """Copy an adapter directory's known files into `into`: regular files only (no links, FIFOs or
+    devices), each within its size cap, no pickles."""
     for p in src.iterdir():
         if p.name.lower().endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")):
             raise AdapterError(f"{p.name} is a pickle file: only safetensors adapters are accepted (never pickle)")
     for name in ADAPTER_FILES:
         p = src / name
-        if p.is_symlink():
-            raise AdapterError(f"{name} is a symbolic link")
-        if not p.is_file():
+        if not os.path.lexists(p):
             if name == WEIGHTS_NAME:
                 raise AdapterError(f"no {WEIGHTS_NAME} in {src.name}")
             raise AdapterError(f"{name} is missing in {src.name}")
-        shutil.copyfile(p, into / name)
+        data = read_regular_file(p, max_bytes if name == WEIGHTS_NAME else MAX_JSON_BYTES, name)
+        with open(into / name, "wb") as f:
+            f.write(data)

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Callable
@@ -389,16 +390,51 @@ def save_adapter(lm: LoadedModel, result, directory, *, name: str | None = None)
 # -- reading and validation --------------------------------------------------------------------------------
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_regular_file(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of `path` if it is a regular file of at most `limit` bytes; AdapterError otherwise. Never
+    follows a symbolic link (so never out of the adapter's directory), never blocks on a FIFO or a device
+    (checked with lstat before opening, opened with O_NOFOLLOW | O_NONBLOCK, checked again with fstat), and
+    never reads more than `limit` + 1 bytes, even from a file that grows while it is read."""
     try:
-        size = path.stat().st_size
-    except OSError:
+        st = os.lstat(path)
+    except FileNotFoundError:
         raise AdapterError(f"{what} is missing") from None
-    if size > MAX_JSON_BYTES:
-        raise AdapterError(f"{what} is too large ({size} bytes)")
+    except OSError as e:
+        raise AdapterError(f"cannot read {what}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise AdapterError(f"{what} is a symbolic link (only regular files are read)")
+    if not stat.S_ISREG(st.st_mode):
+        raise AdapterError(f"{what} is not a regular file")
+    if st.st_size > limit:
+        raise AdapterError(f"{what} is too large ({st.st_size} bytes, at most {limit})")
     try:
-        data = json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise AdapterError(f"cannot read {what}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):        # replaced between lstat and open
+            raise AdapterError(f"{what} is not a regular file")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise AdapterError(f"cannot read {what}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise AdapterError(f"{what} is too large (over {limit} bytes)")
+    return b"".join(chunks)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    raw = read_regular_file(path, MAX_JSON_BYTES, what)
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise AdapterError(f"{what} is not valid JSON ({e.__class__.__name__}: {str(e)[:80]})") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{what} is not a JSON object")
@@ -608,7 +644,7 @@ def check_meta(meta: dict, lm: LoadedModel) -> dict:
 
 def _weight_files(directory: Path) -> list[Path]:
     try:
-        return sorted(p for p in directory.iterdir() if p.is_file())
+        return sorted(p for p in directory.iterdir() if p.is_file() or p.is_symlink())
     except OSError as e:
         raise AdapterError(f"cannot read {directory}: {e.strerror}") from None
 
@@ -640,20 +676,20 @@ def load_adapter(
     if pickles:
         raise AdapterError(f"{pickles[0]} is a pickle file: only safetensors adapters are accepted (never pickle)")
     weights_path = directory / WEIGHTS_NAME
-    if not weights_path.is_file():
+    if not weights_path.is_file() and not weights_path.is_symlink():
         raise AdapterError(f"no {WEIGHTS_NAME} in {directory.name}")
     meta = _read_json(directory / META_NAME, META_NAME + " (STAR metadata)")
     base = check_meta(meta, lm)
     config = _read_json(directory / CONFIG_NAME, CONFIG_NAME)
     check_config(config)
 
-    size = weights_path.stat().st_size
-    if size > max_bytes:
-        raise AdapterError(f"{WEIGHTS_NAME} is {size / 2**20:.0f} MB, over the {max_bytes / 2**20:.0f} MB limit")
     try:
-        data = weights_path.read_bytes()
+        size = weights_path.lstat().st_size
     except OSError as e:
         raise AdapterError(f"cannot read {WEIGHTS_NAME}: {e.strerror}") from None
+    if size > max_bytes:
+        raise AdapterError(f"{WEIGHTS_NAME} is {size / 2**20:.0f} MB, over the {max_bytes / 2**20:.0f} MB limit")
+    data = read_regular_file(weights_path, max_bytes, WEIGHTS_NAME)
     header = parse_safetensors_header(data)
     sha = hashlib.sha256(data).hexdigest()
     expected_sha = meta.get("adapter_sha256")
@@ -745,7 +781,7 @@ def load_adapter(
         meta=meta,
         config=config,
         patch=patch,
-        size_bytes=sum(p.stat().st_size for p in files),
+        size_bytes=sum(p.lstat().st_size for p in files),
         weights_sha256=sha,
         encoding=encoding,
     )

@@ -92,7 +92,7 @@ class Watcher:
                 messages = self.stack.sync()
             except Exception as e:  # noqa: BLE001 - a watcher must survive anything the folder throws at it
                 log.exception("hot reload failed")
-                messages = [f"hot reload failed: {e}"]
+                messages = [f"hot reload failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"]
             self.syncs += 1
             if messages:
                 try:
