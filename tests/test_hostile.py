@@ -250,3 +250,89 @@ def test_a_manifest_that_is_not_a_file_is_rebuilt_from_the_folder(kind, stack, t
     [message] = again.load()
     assert "stack.json" in message and "rebuilt from the folder" in message
     assert again.applied == stack.applied
+
+
+# 4. star.json is typed data; what it says is printed escaped.
+
+
+def _meta_set(path: list, value):
+    def spoil(d: Path) -> None:
+        def change(meta):
+            target = meta
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = value
+
+        edit_json(d, META_NAME, change)
+
+    return spoil
+
+
+WRONG_TYPES = {
+    "n_neurons-string": (["n_neurons"], "5", r"star\.json\.n_neurons"),
+    "n_neurons-bool": (["n_neurons"], True, r"star\.json\.n_neurons"),
+    "version-string": (["version"], "1", r"star\.json\.version"),
+    "cases-string": (["cases"], "not a list", r"star\.json\.cases"),
+    "case-prompt-int": (["cases", 0, "prompt"], 7, r"star\.json\.cases\[0\]\.prompt"),
+    "case-fix-list": (["cases", 0, "fix"], ["b"], r"star\.json\.cases\[0\]\.fix"),
+    "case-wrong-object": (["cases", 0, "wrong"], {"x": 1}, r"star\.json\.cases\[0\]\.wrong"),
+    "layers-strings": (["layers"], ["1", "2"], r"star\.json\.layers"),
+    "neurons-values": (["neurons", "1"], "3", r"star\.json\.neurons"),
+    "name-number": (["name"], 12, r"star\.json\.name"),
+    "created-object": (["created"], {}, r"star\.json\.created"),
+    "config-list": (["config"], [1, 2], r"star\.json\.config"),
+    "base-n_layers-float": (["base_model", "n_layers"], 4.0, r"star\.json\.base_model\.n_layers"),
+    "base-sha-int": (["base_model", "weights_sha256", "1"], 5, r"star\.json\.base_model\.weights_sha256"),
+    "base-missing": (["base_model"], None, r"star\.json\.base_model"),
+}
+
+
+@pytest.mark.parametrize("kind", list(WRONG_TYPES))
+def test_a_sidecar_with_wrong_types_is_refused_naming_the_field(kind, adapter, stack, tmp_path):
+    path, value, field = WRONG_TYPES[kind]
+    _meta_set(path, value)(adapter)
+    assert_refused(stack, adapter, f"wrong type: .*{field}", tmp_path)
+
+
+ESCAPES = "\x1b[2J\x1b]0;owned\x07\u202e"
+
+
+def test_adapters_list_and_show_print_user_text_escaped(adapter, tmp_path):
+    from test_adapters import run_cli
+
+    _meta_set(["name"], f"name{ESCAPES}")(adapter)
+    _meta_set(["cases", 0, "prompt"], f"# prompt{ESCAPES}\n")(adapter)
+    _meta_set(["cases", 0, "fix"], f"fix{ESCAPES}")(adapter)
+    _meta_set(["method"], f"star{ESCAPES}")(adapter)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    os.rename(adapter, folder / "shared")
+    count("adapter file")
+    for command in (["list"], ["show", "shared"]):
+        code, out, err = run_cli("adapters", "--dir", str(folder), *command)
+        assert code == 0, err
+        assert not any(c in out + err for c in "\x1b\x07\u202e"), out
+        assert "\\x1b[2J" in out
+
+
+# 10. Stored cases are bounded (each is re-checked whenever a patch is applied).
+
+
+def _cases(n: int, prompt: str):
+    return _meta_set(["cases"], [{"prompt": prompt, "fix": " b", "wrong": None} for _ in range(n)])
+
+
+CASE_BOUNDS = {
+    "too-many": (_cases(9, "x = 1\n"), "holds 9 cases; at most 8"),
+    "one-too-long": (_cases(1, "x = 1\n" * 1200), "case 1 is .* tokens long; at most 2048"),
+    "too-long-together": (_cases(3, "x = 1\n" * 400), "over 4096 tokens together"),
+    "megabytes": (_cases(1, "x" * 3_000_000), "characters long"),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", list(CASE_BOUNDS))
+def test_the_stored_cases_of_an_imported_patch_are_bounded(kind, adapter, stack, tmp_path):
+    spoil, match = CASE_BOUNDS[kind]
+    spoil(adapter)
+    assert_refused(stack, adapter, match, tmp_path)

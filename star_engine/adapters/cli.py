@@ -77,7 +77,7 @@ def _stack(args):
     print(f"loading {args.model or 'smollm2-135m'} ...", file=sys.stderr, flush=True)
     stack = PatchStack(load_model(args.model), args.adapters_dir)
     for message in stack.load():
-        print(f"star: warning: {message}", file=sys.stderr)
+        _warn(message)
     return stack
 
 
@@ -85,9 +85,19 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} kB"
 
 
+def _safe(text) -> str:
+    """User-provided text for the terminal: every character that is not printable (escape sequences, other
+    control characters, bidirectional overrides) written as its Python escape, e.g. \\x1b."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
 def _cut(text: str, n: int) -> str:
-    text = text.strip().replace("\n", "⏎")
+    text = _safe(text.strip().replace("\n", "⏎"))
     return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _warn(message: str) -> None:
+    print(f"star: warning: {_safe(message)}", file=sys.stderr)
 
 
 def _layers(layers: list[int]) -> str:
@@ -115,20 +125,20 @@ def cmd_list(args) -> int:
         print(json.dumps([i.to_json() for i in infos], indent=2))
         return 0
     if not infos:
-        print(f"no adapters in {folder.path}")
+        print(f"no adapters in {_safe(folder.path)}")
         return 0
     rows = [["#", "ID", "ON", "METHOD", "NEURONS", "SIZE", "PROMPT", "FIX"]]
     for n, i in enumerate(infos, start=1):
         case = i.cases[0] if i.cases else None
         rows.append([
-            str(n), i.id, "yes" if i.enabled else "no", i.method, str(i.neurons), _size(i.size_bytes),
+            str(n), _safe(i.id), "yes" if i.enabled else "no", _cut(i.method, 12), str(i.neurons), _size(i.size_bytes),
             _cut(case.prompt, 32) if case else "?", _cut(case.fix, 24) if case else "?",
         ])
     print(_table(rows))
     for i in infos:
         if i.problem:
-            print(f"! {i.id}: {i.problem}")
-    print(f"({len(infos)} adapter(s) in {folder.path})")
+            print(f"! {_safe(i.id)}: {_safe(i.problem)}")
+    print(f"({len(infos)} adapter(s) in {_safe(folder.path)})")
     return 0
 
 
@@ -144,29 +154,32 @@ def cmd_show(args) -> int:
         print(json.dumps(info.to_json() | {"star": meta}, indent=2))
         return 0
     base = meta.get("base_model") or {}
-    print(f"id:       {info.id}")
-    print(f"name:     {info.name}")
+    if not isinstance(base, dict):
+        base = {}
+    print(f"id:       {_safe(info.id)}")
+    print(f"name:     {_safe(info.name)}")
     print(f"enabled:  {'yes' if info.enabled else 'no'}")
-    print(f"created:  {info.created}")
-    print(f"method:   {info.method} {json.dumps(meta.get('config') or {})}")
-    print(f"model:    {base.get('name', '?')} ({base.get('model_type', '?')}, {base.get('n_layers', '?')} layers)")
+    print(f"created:  {_safe(info.created)}")
+    print(f"method:   {_safe(info.method)} {json.dumps(meta.get('config') or {})}")
+    print(f"model:    {_safe(base.get('name', '?'))} ({_safe(base.get('model_type', '?'))}, "
+          f"{_safe(base.get('n_layers', '?'))} layers)")
     print(f"patch:    {info.neurons} neuron(s) in {_layers(info.layers)}")
-    print(f"size:     {_size(info.size_bytes)}  ({info.path})")
+    print(f"size:     {_size(info.size_bytes)}  ({_safe(info.path)})")
     for n, c in enumerate(info.cases, start=1):
         print(f"case {n}:")
         print(f"  prompt: {c.prompt!r}")
         print(f"  wrong:  {c.wrong!r}")
         print(f"  fix:    {c.fix!r}")
     if info.problem:
-        print(f"problem:  {info.problem}")
+        print(f"problem:  {_safe(info.problem)}")
     return 0
 
 
 def cmd_enable(args) -> int:
     info = _stack(args).set_enabled(args.id, True, keep_going=args.keep_going)
     for m in info.messages:
-        print(f"star: warning: {m}", file=sys.stderr)
-    print(f"enabled {info.id}")
+        _warn(m)
+    print(f"enabled {_safe(info.id)}")
     return 0
 
 
@@ -174,25 +187,25 @@ def cmd_disable(args) -> int:
     folder = _folder(args)
     manifest = folder.set_enabled(args.id, False)
     adapter_id = folder.resolve(args.id, manifest.order)
-    print(f"disabled {adapter_id}")
+    print(f"disabled {_safe(adapter_id)}")
     return 0
 
 
 def cmd_remove(args) -> int:
-    print(f"removed {_folder(args).remove(args.id)}")
+    print(f"removed {_safe(_folder(args).remove(args.id))}")
     return 0
 
 
 def cmd_export(args) -> int:
-    print(f"exported to {_folder(args).export(args.id, args.file)}")
+    print(f"exported to {_safe(_folder(args).export(args.id, args.file))}")
     return 0
 
 
 def cmd_import(args) -> int:
     info = _stack(args).import_(args.file, keep_going=args.keep_going)
     for m in info.messages:
-        print(f"star: warning: {m}", file=sys.stderr)
-    print(f"imported {info.id}: {info.neurons} neuron(s), {len(info.cases)} case(s)")
+        _warn(m)
+    print(f"imported {_safe(info.id)}: {info.neurons} neuron(s), {len(info.cases)} case(s)")
     return 0
 
 
@@ -202,12 +215,12 @@ def cmd_verify(args) -> int:
     if args.json:
         print(json.dumps([r.to_json() for r in rows], indent=2))
     elif not rows:
-        print(f"no stored cases in {stack.path}")
+        print(f"no stored cases in {_safe(stack.path)}")
     else:
         table = [["ID", "CASE", "PROMPT", "FIX", "WRITES NOW", "FIXED"]]
         for r in rows:
             status = ("yes" if r.fixed else "NO") if r.enabled else ("(disabled) " + ("yes" if r.fixed else "no"))
-            table.append([r.id, str(r.case), _cut(r.prompt, 32), _cut(r.fix, 24), _cut(r.wrote, 24), status])
+            table.append([_safe(r.id), str(r.case), _cut(r.prompt, 32), _cut(r.fix, 24), _cut(r.wrote, 24), status])
         print(_table(table))
         bad = sum(1 for r in rows if r.enabled and not r.fixed)
         held = sum(1 for r in rows if r.enabled and r.fixed)

@@ -26,10 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+import attrs
+import cattrs
 import numpy as np
 import torch
+from cattrs.cols import is_sequence, list_structure_factory
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -622,9 +625,118 @@ def check_config(config: dict) -> None:
             raise AdapterError(f"adapter_config.json: {key} is set; a STAR adapter names its modules in target_modules only")
 
 
-def check_meta(meta: dict, lm: LoadedModel) -> dict:
+# -- star.json as typed data -----------------------------------------------------------------------------------
+
+# The sidecar's schema: what star writes, with the types it writes. Every field present must have its type
+# (no coercion: "5" is not an int, true is not 1); unknown fields are ignored (a newer star may add some).
+
+
+@attrs.define
+class _CaseSchema:
+    prompt: str
+    fix: str
+    wrong: str | None = None
+
+
+@attrs.define
+class _BaseModelSchema:
+    model_type: str
+    n_layers: int
+    d_model: int
+    d_ff: int
+    weights_sha256: dict[str, str]
+    name: str | None = None
+    out_proj: str | None = None
+
+
+@attrs.define
+class _MetaSchema:
+    format: str
+    version: int
+    base_model: _BaseModelSchema
+    name: str | None = None
+    created: str | None = None
+    method: str | None = None
+    config: dict[str, Any] | None = None
+    cases: list[_CaseSchema] | None = None
+    layers: list[int] | None = None
+    neurons: dict[str, int] | None = None
+    n_neurons: int | None = None
+    encoding: dict[str, str] | None = None
+    metrics: dict[str, Any] | None = None
+    adapter_sha256: str | None = None
+
+
+def _strict_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=False)
+
+    def exactly(t):
+        def structure(value, _):
+            if not isinstance(value, t) or (isinstance(value, bool) and t is not bool):
+                raise TypeError(f"expected {t.__name__}, got {type(value).__name__}")
+            return value
+
+        return structure
+
+    for t in (str, int, bool):
+        conv.register_structure_hook(t, exactly(t))
+
+    def strict_list(t, converter):
+        items = list_structure_factory(t, converter)
+
+        def structure(value, _):
+            if not isinstance(value, list):
+                raise TypeError(f"expected a list, got {type(value).__name__}")
+            return items(value, _)
+
+        return structure
+
+    conv.register_structure_hook_factory(is_sequence, strict_list)
+    return conv
+
+
+_META_CONVERTER = _strict_converter()
+
+
+def check_meta_types(meta: dict) -> None:
+    """star.json against the typed schema; AdapterError naming the first wrong field."""
     if meta.get("format") != FORMAT:
         raise AdapterError("star.json is not a STAR adapter description")
+    try:
+        _META_CONVERTER.structure(meta, _MetaSchema)
+    except (cattrs.BaseValidationError, TypeError, ValueError) as e:
+        problems = cattrs.transform_error(e, path="star.json") if isinstance(e, cattrs.BaseValidationError) else [str(e)]
+        first = problems[0] if problems else type(e).__name__
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AdapterError(f"star.json has a field of the wrong type: {first}{more}") from None
+
+
+MAX_CASES = 8                # stored cases per adapter: each is re-checked (greedy decoding) whenever a
+MAX_CASE_TOKENS = 2048       # patch is applied anew, so their count and length bound that cost
+MAX_CASES_TOKENS = 4096      # all cases of one adapter together
+
+
+def check_cases(meta: dict, lm: LoadedModel) -> None:
+    """Bound the stored cases (count, tokens of prompt + fix) so that re-checking them stays cheap."""
+    cases = meta.get("cases") or []
+    if len(cases) > MAX_CASES:
+        raise AdapterError(f"star.json holds {len(cases)} cases; at most {MAX_CASES} are accepted")
+    total = 0
+    for n, case in enumerate(cases, start=1):
+        text = case["prompt"] + case["fix"]
+        if len(text) > 64 * MAX_CASE_TOKENS:
+            raise AdapterError(f"star.json case {n} is {len(text)} characters long (at most {64 * MAX_CASE_TOKENS})")
+        tokens = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (case["prompt"], case["fix"]))
+        if tokens > MAX_CASE_TOKENS:
+            raise AdapterError(f"star.json case {n} is {tokens} tokens long; at most {MAX_CASE_TOKENS} per case are accepted")
+        total += tokens
+        if total > MAX_CASES_TOKENS:
+            raise AdapterError(f"star.json's cases are over {MAX_CASES_TOKENS} tokens together")
+
+
+def check_meta(meta: dict, lm: LoadedModel) -> dict:
+    check_meta_types(meta)
+    check_cases(meta, lm)
     version = meta.get("version")
     if not isinstance(version, int) or version < 1:
         raise AdapterError("star.json has no valid version")
