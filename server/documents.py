@@ -8,6 +8,9 @@ from urllib.parse import unquote
 from lsprotocol import types
 
 
+MAX_UINTEGER = 2**31 - 1     # LSP's uinteger
+
+
 class BadPosition(ValueError):
     pass
 
@@ -46,6 +49,11 @@ def offset_at(doc, position: types.Position) -> int:
             f"position {position.line}:{position.character} is outside line {position.line} "
             f"({units.num_units(text)} characters)"
         )
+    if character < 0:   # the column falls between the two UTF-16 units of one character
+        raise BadPosition(
+            f"position {position.line}:{position.character} is inside a character (between the two halves of "
+            f"a UTF-16 surrogate pair)"
+        )
     return sum(len(l) for l in lines[:line]) + column
 
 
@@ -59,4 +67,6 @@ def position_arg(value) -> types.Position:
     for name, v in (("line", line), ("character", character)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise BadPosition(f"position.{name} must be an integer")
+        if not 0 <= v <= MAX_UINTEGER:
+            raise BadPosition(f"position.{name} must be between 0 and {MAX_UINTEGER}, not {v}")
     return types.Position(line=line, character=character)

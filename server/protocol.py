@@ -50,6 +50,17 @@ class StarProtocol(LanguageServerProtocol):
                 )
             return _Ignored()
 
+    def _send_handler_result(self, future, *, msg_id):
+        # pygls logs every error a handler raises with its traceback, even InvalidParams for a bad argument:
+        # an expected JSON-RPC error is answered and logged as one line instead.
+        exc = None if future.cancelled() else future.exception()
+        if isinstance(exc, JsonRpcException):
+            self._request_futures.pop(msg_id, None)
+            log.info("request %s answered with error %s: %s", msg_id, exc.code, _one_line(exc))
+            self._send_response(msg_id, error=exc.to_response_error())
+            return
+        return super()._send_handler_result(future, msg_id=msg_id)
+
     def handle_message(self, message):
         if not hasattr(message, "jsonrpc"):
             log.warning("ignoring a message that is not a JSON-RPC object: %.200r", message)

@@ -336,3 +336,140 @@ def test_the_stored_cases_of_an_imported_patch_are_bounded(kind, adapter, stack,
     spoil, match = CASE_BOUNDS[kind]
     spoil(adapter)
     assert_refused(stack, adapter, match, tmp_path)
+
+
+# -- the language server ---------------------------------------------------------------------------------------
+
+import asyncio  # noqa: E402
+
+import pytest_asyncio  # noqa: E402
+from lsprotocol import types  # noqa: E402
+from pygls.exceptions import JsonRpcException  # noqa: E402
+
+from test_server import (  # noqa: E402,F401  (tiny_model_dir: the session fixture)
+    command,
+    end_of,
+    fix_args,
+    inline,
+    open_doc,
+    raw_request,
+    server_command,
+    start_client,
+    stop_client,
+    tiny_model_dir,
+    wait_for,
+)
+
+INVALID_PARAMS = -32602
+REQUEST_FAILED = -32803
+URI = "file:///tmp/hostile.py"
+TEXT = "x = 1\nname = 'caf\U0001F600e'\n"     # line 1 holds a character outside the BMP (two UTF-16 units)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def hostile(tiny_model_dir, tmp_path_factory):
+    """One server for the tests that change nothing, logging to a file we read for tracebacks."""
+    root = tmp_path_factory.mktemp("hostile-server")
+    log = root / "server.log"
+    c = await start_client(server_command(tiny_model_dir, root / "adapters", "--log-file", str(log)))
+    c.log_path = log
+    open_doc(c, URI, TEXT)
+    yield c
+    await stop_client(c)
+
+
+on_hostile = pytest.mark.asyncio(loop_scope="module")
+
+
+def _position(line, character):
+    return {"line": line, "character": character}
+
+
+BAD_FIX_ARGS = [
+    # the argument list itself
+    [], [None], ["text"], [1], [[]], [{}, {}],
+    # fields of the wrong type
+    [{"uri": 5, "position": _position(0, 0), "fix": "y"}],
+    [{"uri": None, "position": _position(0, 0), "fix": "y"}],
+    [{"uri": ["x"], "position": _position(0, 0), "fix": "y"}],
+    [{"uri": URI, "position": _position(0, 0), "fix": 5}],
+    [{"uri": URI, "position": _position(0, 0), "fix": ["y"]}],
+    [{"uri": URI, "position": _position(0, 0), "fix": {"text": "y"}}],
+    [{"uri": URI, "position": _position(0, 0), "fix": "y", "completion": 3}],
+    [{"uri": URI, "position": _position(0, 0), "fix": "y", "completion": {"a": 1}}],
+    [{"uri": URI, "position": "0:0", "fix": "y"}],
+    [{"uri": URI, "position": [0, 0], "fix": "y"}],
+    [{"uri": URI, "position": None, "fix": "y"}],
+    # positions out of range
+    [{"uri": URI, "position": _position(-1, 0), "fix": "y"}],
+    [{"uri": URI, "position": _position(0, -1), "fix": "y"}],
+    [{"uri": URI, "position": _position(-(2**40), -(2**40)), "fix": "y"}],
+    [{"uri": URI, "position": _position(2**31, 0), "fix": "y"}],
+    [{"uri": URI, "position": _position(0, 2**70), "fix": "y"}],
+    [{"uri": URI, "position": _position(1.5, 0), "fix": "y"}],
+    [{"uri": URI, "position": _position(True, 0), "fix": "y"}],
+    [{"uri": URI, "position": _position("1", "2"), "fix": "y"}],
+    [{"uri": URI, "position": {"line": 0}, "fix": "y"}],
+    [{"uri": URI, "position": _position(0, 6), "fix": "y"}],              # past the end of line 0
+    [{"uri": URI, "position": _position(1, 12), "fix": "y"}],             # between the two halves of U+1F600
+    # blank or huge fixes
+    [{"uri": URI, "position": _position(0, 0), "fix": ""}],
+    [{"uri": URI, "position": _position(0, 0), "fix": " \n\t "}],
+]
+BAD_PATCH_ARGS = {
+    "star.patches.setEnabled": [[], [{"id": 5, "enabled": True}], [{"id": "x", "enabled": "yes"}],
+                                [{"id": "x", "enabled": 1}], [{"id": None, "enabled": False}], [{"enabled": True}],
+                                [{"id": ["x"], "enabled": True}]],
+    "star.patches.remove": [[], [{"id": 5}], [{"id": ""}], [{"id": {"a": 1}}], [{}], ["id"]],
+    "star.patches.import": [[], [{"path": 5}], [{"path": ""}], [{"path": ["x"]}], [{}], [None]],
+    "star.patches.export": [[], [{"id": "x"}], [{"id": 5, "path": "/tmp/x"}], [{"id": "x", "path": None}],
+                            [{"id": "x", "path": 7}]],
+    "star.completion.accepted": [[{"id": "x"}], [5], [None], [["x"]]],
+}
+
+
+def _tracebacks(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if "Traceback" in line]
+
+
+@on_hostile
+async def test_invalid_command_params_answer_invalid_params_with_one_line(hostile):
+    client = hostile
+    before = _tracebacks(client.log_path)
+    answered = []
+    calls = [("star.applyFix", args) for args in BAD_FIX_ARGS]
+    calls += [(name, args) for name, cases in BAD_PATCH_ARGS.items() for args in cases]
+    for name, args in calls:
+        count("invalid params")
+        try:
+            result = await command(client, name, *args)
+        except JsonRpcException as e:
+            answered.append((name, args, e.code, e.message))
+        else:
+            answered.append((name, args, "result", result))
+    wrong = [a for a in answered if (a[2], a[3]) != ("result", None) if a[0] == "star.completion.accepted"]
+    wrong += [a for a in answered if a[0] != "star.completion.accepted"
+              if a[2] != INVALID_PARAMS or "\n" in a[3] or "Traceback" in a[3]]
+    assert not wrong, "\n".join(map(repr, wrong))
+    assert _tracebacks(client.log_path) == before
+    assert isinstance(await inline(client, URI, types.Position(0, 5)), types.InlineCompletionList)   # still serving
+
+
+def test_a_position_inside_a_surrogate_pair_is_refused():
+    from pygls.workspace import TextDocument
+
+    from star_server.documents import BadPosition, offset_at
+
+    doc = TextDocument(URI, TEXT)
+    smile = TEXT.split("\n")[1].index("\U0001F600")                 # 10: its UTF-16 columns are 10 and 11
+    assert offset_at(doc, types.Position(1, smile)) == len("x = 1\n") + smile
+    assert offset_at(doc, types.Position(1, smile + 2)) == len("x = 1\n") + smile + 1
+    count("invalid params")
+    with pytest.raises(BadPosition, match="surrogate pair"):
+        offset_at(doc, types.Position(1, smile + 1))
+
+
+@on_hostile
+async def test_no_completion_inside_a_surrogate_pair(hostile):
+    count("invalid params")
+    assert not (await inline(hostile, URI, types.Position(1, 12))).items
