@@ -26,6 +26,7 @@ import torch
 from star_engine.case import RepairCase
 from star_engine.model import LoadedModel, load_model
 from star_engine.repair import RepairResult, repair, undo
+from star_engine.session import RepairCancelled
 
 from .generation import Generated, Generator
 from .patches import open_stack
@@ -176,13 +177,20 @@ class EngineHost:
 
     def repair(self, case: RepairCase, method: str, cancel=None, progress=None) -> tuple[RepairResult, object]:
         """Run a repair on the workbench; on success persist it and switch the serving weights.
-        One repair at a time: a second one raises RepairBusy."""
+        One repair at a time: a second one raises RepairBusy. The commit point is `stack.add`: a cancel
+        set before it raises RepairCancelled with the weights restored and nothing on disk; a cancel set
+        later leaves the patch kept (the caller sees `cancel.is_set()` and says so)."""
         if not self._repairing.acquire(blocking=False):
             raise RepairBusy("a repair is already running: wait for it to finish or cancel it")
         try:
             with self.stack.lock:
                 result = repair(self.workbench, [case], method, cancel=cancel, progress=progress)
                 info = None
+                if result.fixed and cancel is not None and cancel.is_set():
+                    # Cancelled before the commit (stack.add): truly cancelled, the weights restored bit
+                    # for bit and nothing written. A cancel from here on finds the patch kept.
+                    undo(self.workbench, result)
+                    raise RepairCancelled("cancelled before the patch was saved")
                 if result.fixed:
                     try:
                         info = self.stack.add(result)

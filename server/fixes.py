@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid
 
 from lsprotocol import types
-from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcRequestCancelled
 
 from star_engine.case import RepairCase, RepairInputError
 from star_engine.session import RepairCancelled
@@ -23,7 +22,7 @@ from .documents import BadPosition, offset_at, open_document, position_arg
 from .engine_host import RepairBusy, worker_pool
 from .patches import PatchError, info_json
 from .prompting import Context, build_prompt
-from .protocol import command_params
+from .protocol import RequestCancel, command_cancel, command_params
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +66,27 @@ class FixService:
         self.repair_executor = worker_pool("star-repair")
         self.stack_executor = worker_pool("star-stack", 2)
         self.cancel_events: set = set()
+        self.active = False          # a star.applyFix is between its busy check and its end
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait (after cancel_all) until no repair runs; False if one still runs after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while self.active or self.server.host.repairing:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     # -- star.applyFix -------------------------------------------------------------------------------
 
     async def apply_fix(self, args: tuple) -> dict:
+        cancel = command_cancel.get() or RequestCancel()     # $/cancelRequest sets it (protocol.py)
+        try:
+            return await self._apply_fix(args, cancel)
+        finally:
+            self.server.protocol.forget_cancel(cancel)
+
+    async def _apply_fix(self, args: tuple, cancel: RequestCancel) -> dict:
         obj = _arg_object(args, "uri", "position", "fix")
         fix = _string(obj, "fix", allow_empty=False)
         wrong = _string(obj, "completion")
@@ -81,11 +97,20 @@ class FixService:
             raise JsonRpcInvalidParams(str(e)) from None
         if not await self.server.wait_loaded():
             raise failed(f"no model: {self.server.status.error or 'the model did not load'}")
-        host, settings = self.server.host, self.server.settings
-        if host.repairing:
+        host = self.server.host
+        # Check and claim in one step (no await in between): a second request of the same burst is refused
+        # here instead of queueing behind the first in the repair worker.
+        if self.active or host.repairing:
             raise failed("a repair is already running: wait for it to finish or cancel it")
+        self.active = True
+        try:
+            return await self._repair(doc, offset, wrong, fix, cancel)
+        finally:
+            self.active = False
+
+    async def _repair(self, doc, offset: int, wrong: str, fix: str, cancel: RequestCancel) -> dict:
+        host, settings = self.server.host, self.server.settings
         context = Context.at(doc.source, offset, self.server.completions._budget(settings))
-        cancel = threading.Event()
         self.cancel_events.add(cancel)
         progress = await self._progress_begin(wrong, fix, cancel)
         self.server.status.update(repairing=f"repairing: {_short(wrong, 24)} → {_short(fix, 24)}")
@@ -101,7 +126,7 @@ class FixService:
         try:
             result, info = await loop.run_in_executor(self.repair_executor, work)
             outcome = "fixed" if result.fixed else "not fixed"
-            reply = self._reply(result, info)
+            reply = repair_reply(result, info, cancelled_late=cancel.is_set())
             self._tell(types.MessageType.Info if result.fixed else types.MessageType.Warning, reply["message"])
             return reply
         except asyncio.CancelledError:
@@ -112,6 +137,8 @@ class FixService:
             outcome = "cancelled"
             message = "STAR: repair cancelled; the model is unchanged"
             self._tell(types.MessageType.Info, message)
+            if cancel.by_request:      # $/cancelRequest: the LSP answer to a cancelled request
+                raise JsonRpcRequestCancelled(message) from None
             return {"fixed": False, "message": message, "seconds": 0.0, "neurons": 0, "layers": [], "patchId": None}
         except RepairInputError as e:
             outcome = "not fixed"
@@ -126,23 +153,6 @@ class FixService:
             self.cancel_events.discard(cancel)
             progress.end(outcome)
             self.server.status.update(repairing=None)
-
-    def _reply(self, result, info) -> dict:
-        if result.fixed:
-            message = (
-                f"STAR fixed the completion: {result.neurons} neuron(s) in layer(s) "
-                f"{', '.join(map(str, result.layers))}, {result.seconds:.1f} s"
-            )
-        else:
-            message = f"STAR could not fix the completion: {result.reason}"
-        return {
-            "fixed": result.fixed,
-            "message": message,
-            "seconds": round(result.seconds, 3),
-            "neurons": result.neurons,
-            "layers": list(result.layers),
-            "patchId": info_json(info)["id"] if info is not None else None,
-        }
 
     def _tell(self, kind: types.MessageType, message: str) -> None:
         self.server.window_show_message(types.ShowMessageParams(type=kind, message=message))
@@ -211,6 +221,31 @@ class FixService:
     def cancel_all(self) -> None:
         for event in list(self.cancel_events):
             event.set()
+
+
+def repair_reply(result, info, *, cancelled_late: bool = False) -> dict:
+    """The star.applyFix result. `cancelled_late`: a cancel arrived after the patch was committed (saved
+    and applied), so it was kept, and the reply says so (`kept: true`)."""
+    if result.fixed:
+        message = (
+            f"STAR fixed the completion: {result.neurons} neuron(s) in layer(s) "
+            f"{', '.join(map(str, result.layers))}, {result.seconds:.1f} s"
+        )
+        if cancelled_late:
+            message += "; the cancel came after the patch was saved, so it was kept (STAR: Undo last patch removes it)"
+    else:
+        message = f"STAR could not fix the completion: {result.reason}"
+    reply = {
+        "fixed": result.fixed,
+        "message": message,
+        "seconds": round(result.seconds, 3),
+        "neurons": result.neurons,
+        "layers": list(result.layers),
+        "patchId": info_json(info)["id"] if info is not None else None,
+    }
+    if result.fixed and cancelled_late:
+        reply["kept"] = True
+    return reply
 
 
 class _Progress:

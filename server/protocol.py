@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import threading
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
@@ -21,6 +22,23 @@ log = logging.getLogger(__name__)
 # The ExecuteCommandParams of the command being run (set for the handler's task).
 command_params: contextvars.ContextVar[types.ExecuteCommandParams | None] = contextvars.ContextVar(
     "star_command_params", default=None
+)
+
+
+# Commands whose `$/cancelRequest` the command itself handles (it sets this event and answers when it has
+# really stopped, or says what it could not undo) instead of pygls answering "cancelled" at once while the
+# work goes on.
+CANCELLABLE_COMMANDS = {"star.applyFix"}
+
+
+class RequestCancel(threading.Event):
+    """Set by `$/cancelRequest` (then `by_request` is True) or by anything else that cancels the command."""
+
+    by_request = False
+
+
+command_cancel: contextvars.ContextVar[RequestCancel | None] = contextvars.ContextVar(
+    "star_command_cancel", default=None
 )
 
 
@@ -69,7 +87,42 @@ class StarProtocol(LanguageServerProtocol):
             return
         return super().handle_message(message)
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cancel_hooks: dict = {}          # request id -> RequestCancel, for CANCELLABLE_COMMANDS
+
+    def _handle_cancel_notification(self, msg_id):
+        event = self.cancel_hooks.get(msg_id)
+        if event is None:
+            return super()._handle_cancel_notification(msg_id)
+        log.info("cancel requested for %s", msg_id)
+        event.by_request = True
+        event.set()
+
     @lsp_method(types.WORKSPACE_EXECUTE_COMMAND)
     def lsp_workspace__execute_command(self, params: types.ExecuteCommandParams):
         command_params.set(params)
+        msg_id = self.msg_id
+        if params.command in CANCELLABLE_COMMANDS and msg_id is not None:
+            # Registered while the request is handled, before its handler runs: no cancel can slip past.
+            event = RequestCancel()
+            self.cancel_hooks[msg_id] = event
+            command_cancel.set(event)
         return (yield from super().lsp_workspace__execute_command(params))
+
+    def forget_cancel(self, event: RequestCancel) -> None:
+        for msg_id in [i for i, e in self.cancel_hooks.items() if e is event]:
+            del self.cancel_hooks[msg_id]
+
+    @lsp_method(types.SHUTDOWN)
+    def lsp_shutdown(self, *args):
+        # pygls' own iterates over the in-flight requests while cancelling them, and a cancelled request's
+        # callback removes itself from that dict: "dictionary changed size during iteration".
+        if (user_handler := self.fm.features.get(types.SHUTDOWN)) is not None:
+            yield user_handler, args, None
+        current_id = self.msg_id
+        for msg_id, future in list(self._request_futures.items()):
+            if msg_id != current_id and not future.done():
+                future.cancel()
+        self._shutdown = True
+        return None

@@ -36,6 +36,7 @@ STATUS_NOTIFICATION = "star/status"
 MARK_WRONG_TITLE = "STAR: mark the completion here as wrong"
 MARK_WRONG_WITHIN_S = 600
 PARENT_POLL_S = 3.0
+SHUTDOWN_WAIT_S = 30.0
 
 try:
     VERSION = version("star-repair")
@@ -224,8 +225,12 @@ def make_server(defaults: Settings | None = None) -> StarServer:
         ls.apply_settings(section(params.settings), reload=True)
 
     @server.feature(types.SHUTDOWN)
-    def shutdown(ls: StarServer, params=None):
+    async def shutdown(ls: StarServer, params=None):
+        # Stop the work, then let a repair reach its next cancellation check (it restores the weights, or
+        # finishes committing), so that the exit that follows never cuts an adapter write in half.
         ls.stop_work()
+        if not await ls.fixes.wait_idle(SHUTDOWN_WAIT_S):
+            log.warning("shutdown: a repair is still running after %.0f s", SHUTDOWN_WAIT_S)
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     @guarded(empty=lambda: types.InlineCompletionList(items=[]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -473,3 +474,139 @@ def test_a_position_inside_a_surrogate_pair_is_refused():
 async def test_no_completion_inside_a_surrogate_pair(hostile):
     count("invalid params")
     assert not (await inline(hostile, URI, types.Position(1, 12))).items
+
+
+# 2. Cancelling star.applyFix: truly cancelled before the commit, reported as kept after it.
+
+FIX_PROMPT = "# Reverse the list `a`\n"
+
+
+async def _status(client) -> str:
+    return (await command(client, "star.stats"))["status"]["kind"]
+
+
+@pytest.mark.timeout(300)
+async def test_cancel_request_of_apply_fix_answers_only_once_the_repair_has_stopped(tiny_model_dir, tmp_path):
+    client = await start_client(server_command(tiny_model_dir, tmp_path / "adapters"))
+    try:
+        uri = "file:///tmp/cancel.py"
+        open_doc(client, uri, FIX_PROMPT)
+        before = (await inline(client, uri, end_of(FIX_PROMPT))).items
+        reply = raw_request(client, types.WORKSPACE_EXECUTE_COMMAND,
+                            {"command": "star.applyFix", "arguments": [fix_args(uri, end_of(FIX_PROMPT), "", "a.reverse()")]},
+                            msg_id="fix-1")
+        await wait_for(lambda: any(s.kind == "repairing" for s in client.statuses), 60, "repairing status")
+        count("cancel")
+        client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="fix-1"))
+        with pytest.raises(JsonRpcException) as e:
+            await asyncio.wait_for(reply, 120)
+        assert e.value.code == -32800 and "unchanged" in e.value.message
+        assert await _status(client) != "repairing"                 # answered once it had really stopped
+        assert await command(client, "star.patches.list") == []
+        assert not list((tmp_path / "adapters").glob("[!.]*"))      # nothing on disk (stack.json aside)
+        assert not any("fixed the completion" in m.message for m in client.messages)
+        assert (await inline(client, uri, end_of(FIX_PROMPT))).items == before
+    finally:
+        await stop_client(client)
+
+
+def _host_with_stack(tiny_llama, folder):
+    from star_server.engine_host import EngineHost
+
+    host = EngineHost()
+    host.install(tiny_llama, str(folder))
+    host.close()                                                    # no watcher thread in this test
+    return host
+
+
+def _fake_repair(host):
+    """A repair function that always fixes: the hand-made patch, applied as repair() leaves it."""
+
+    def fake(lm, cases, method, **kwargs):
+        return fake_result(lm, hand_patch(lm, seed=3), cases[0])
+
+    return fake
+
+
+def test_a_cancel_just_before_the_commit_restores_the_weights_and_writes_nothing(tiny_llama, tmp_path, monkeypatch):
+    import star_server.engine_host as eh
+    from star_engine.case import RepairCase
+    from star_engine.session import RepairCancelled
+
+    host = _host_with_stack(tiny_llama, tmp_path / "adapters")
+    before = snapshot(host.workbench)
+    cancel = threading.Event()
+    real = _fake_repair(host)
+
+    def repair_then_cancel(*args, **kwargs):            # the cancel arrives as the repair returns, fixed
+        result = real(*args, **kwargs)
+        cancel.set()
+        return result
+
+    monkeypatch.setattr(eh, "repair", repair_then_cancel)
+    count("cancel")
+    with pytest.raises(RepairCancelled):
+        host.repair(RepairCase(prompt=FIX_PROMPT, fix="a.reverse()"), "star", cancel=cancel)
+    assert same_weights(host.workbench, before)
+    assert host.stack.list() == [] and not list((tmp_path / "adapters").glob("[!.]*"))
+
+
+def test_a_cancel_after_the_commit_keeps_the_patch_and_the_reply_says_so(tiny_llama, tmp_path, monkeypatch):
+    import star_server.engine_host as eh
+    from star_engine.case import RepairCase
+    from star_server.fixes import repair_reply
+
+    host = _host_with_stack(tiny_llama, tmp_path / "adapters")
+    cancel = threading.Event()
+    monkeypatch.setattr(eh, "repair", _fake_repair(host))
+    add = host.stack.add
+
+    def add_then_cancel(result):                         # the cancel arrives just after the commit
+        info = add(result)
+        cancel.set()
+        return info
+
+    monkeypatch.setattr(host.stack, "add", add_then_cancel)
+    count("cancel")
+    result, info = host.repair(RepairCase(prompt=FIX_PROMPT, fix="a.reverse()"), "star", cancel=cancel)
+    assert result.fixed and [p.id for p in host.stack.list()] == [info.id]
+    reply = repair_reply(result, info, cancelled_late=cancel.is_set())
+    assert reply["kept"] is True and "so it was kept" in reply["message"] and reply["patchId"] == info.id
+
+
+# 9. Two repairs in one burst; shutdown during a repair.
+
+
+@pytest.mark.timeout(300)
+async def test_two_apply_fix_in_one_burst_the_second_is_refused(tiny_model_dir, tmp_path):
+    client = await start_client(server_command(tiny_model_dir, tmp_path / "adapters"))
+    try:
+        uri = "file:///tmp/burst.py"
+        open_doc(client, uri, FIX_PROMPT)
+        args = fix_args(uri, end_of(FIX_PROMPT), "", "a.reverse()")
+        count("burst", 2)
+        first, second = await asyncio.gather(command(client, "star.applyFix", args),
+                                             command(client, "star.applyFix", args), return_exceptions=True)
+        assert isinstance(first, dict), first
+        assert isinstance(second, JsonRpcException) and second.code == REQUEST_FAILED
+        assert "already running" in second.message
+    finally:
+        await stop_client(client)
+
+
+@pytest.mark.timeout(300)
+async def test_shutdown_during_a_repair_exits_cleanly(tiny_model_dir, tmp_path):
+    client = await start_client(server_command(tiny_model_dir, tmp_path / "adapters"))
+    uri = "file:///tmp/shutdown.py"
+    open_doc(client, uri, FIX_PROMPT)
+    repair = asyncio.ensure_future(command(client, "star.applyFix", fix_args(uri, end_of(FIX_PROMPT), "", "a.reverse()")))
+    await wait_for(lambda: any(s.kind == "repairing" for s in client.statuses), 60, "repairing status")
+    count("shutdown")
+    assert await asyncio.wait_for(client.shutdown_async(None), 60) is None      # no -32603
+    client.exit(None)
+    await asyncio.wait_for(client._server.wait(), 60)
+    assert client._server.returncode == 0
+    await asyncio.gather(repair, return_exceptions=True)
+    leftovers = [p.name for p in (tmp_path / "adapters").iterdir() if p.name.startswith(".tmp-")]
+    assert leftovers == []
+    await client.stop()
