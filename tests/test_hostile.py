@@ -610,3 +610,82 @@ async def test_shutdown_during_a_repair_exits_cleanly(tiny_model_dir, tmp_path):
     leftovers = [p.name for p in (tmp_path / "adapters").iterdir() if p.name.startswith(".tmp-")]
     assert leftovers == []
     await client.stop()
+
+
+# 3. Temporaries of a writer killed with SIGKILL are cleaned on the next open (only ones no live process owns).
+
+_KILLED_WRITER = """
+import sys, time
+sys.path.insert(0, "tests")
+from transformers import AutoTokenizer
+from conftest import make_tiny
+from test_adapters import fake_result, hand_patch
+from star_engine.adapters import PatchStack, format as fmt
+
+real = fmt._write_file
+def write_then_hang(path, data):          # the first file is written, then the writer is killed
+    real(path, data)
+    print("writing", flush=True)
+    time.sleep(600)
+fmt._write_file = write_then_hang
+lm = make_tiny("llama", AutoTokenizer.from_pretrained(sys.argv[3], local_files_only=True))
+result = fake_result(lm, hand_patch(lm))
+if sys.argv[1] == "save":
+    fmt.save_adapter(lm, result, sys.argv[2])
+else:
+    stack = PatchStack(lm, sys.argv[2])
+    stack.load()
+    stack.add(result)
+"""
+
+
+def _killed_while_writing(mode: str, target: Path) -> int:
+    import signal
+    import subprocess
+    import sys
+
+    from star_engine.model import model_dir
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, mode, str(target), str(model_dir())],
+                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close(), proc.stderr.close()
+    count("kill -9")
+    return proc.pid
+
+
+def _temps(folder: Path) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.startswith((".tmp-", ".trash-")))
+
+
+@pytest.mark.timeout(120)
+def test_temporaries_beside_a_save_target_are_cleaned_when_their_writer_is_dead(tiny_llama, tmp_path):
+    dead = _killed_while_writing("save", tmp_path / "fix")
+    [left] = _temps(tmp_path)
+    assert left.startswith(f".tmp-{dead}-")
+    live = tmp_path / f".tmp-{os.getpid()}-live"          # a writer of this (live) process: never touched
+    live.mkdir()
+    mine = tmp_path / f".tmp-{dead}-notes"                # not an adapter's files: not ours to delete
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    save_adapter(tiny_llama, fake_result(tiny_llama, hand_patch(tiny_llama)), tmp_path / "another")
+    assert _temps(tmp_path) == sorted([live.name, mine.name])
+
+
+@pytest.mark.timeout(120)
+def test_temporaries_in_a_stack_folder_are_cleaned_on_open(tokenizer, tmp_path):
+    folder = tmp_path / "adapters"
+    dead = _killed_while_writing("stack", folder)
+    (folder / ".tmp-import-abc123").mkdir()                 # these are only made under the folder lock
+    (folder / ".trash-def456").mkdir()
+    live = folder / f".tmp-{os.getpid()}-live"
+    live.mkdir()
+    assert any(n.startswith(f".tmp-{dead}-") for n in _temps(folder))
+    stack = PatchStack(make_tiny("llama", tokenizer), folder)
+    assert stack.load() == []
+    assert _temps(folder) == [live.name]

@@ -35,6 +35,7 @@ from .format import (
     AdapterError,
     atomic_write_file,
     atomic_write_with,
+    clean_dead_temps,
     meta_cases,
     read_regular_file,
     valid_name,
@@ -281,7 +282,15 @@ class AdapterFolder:
             return adapter_id
 
     def clean_stale(self) -> None:
-        """Delete temp/trash directories left by writers that died (older than an hour)."""
+        """Delete temporaries left by writers that died. Under the folder lock, so no writer of this folder
+        is at work: `.tmp-<pid>-*` adapter directories whose process is gone, and the temporaries only
+        ever made under the lock (`.tmp-import-*`, `.trash-*`, the manifest's temp file) go at once; any
+        other `.tmp-*` (an older star, a live pid) once older than an hour."""
+        with self.locked():
+            clean_dead_temps(self.path, only_adapter_files=False)
+            self._clean_old()
+
+    def _clean_old(self) -> None:
         now = time.time()
         try:
             entries = list(os.scandir(self.path))
@@ -289,8 +298,9 @@ class AdapterFolder:
             return
         for e in entries:
             if e.name.startswith((".tmp-", ".trash-", f".{MANIFEST}.tmp-")):
+                locked_only = e.name.startswith((".tmp-import-", ".trash-", f".{MANIFEST}.tmp-"))
                 try:
-                    if now - e.stat(follow_symlinks=False).st_mtime > _STALE_SECONDS:
+                    if locked_only or now - e.stat(follow_symlinks=False).st_mtime > _STALE_SECONDS:
                         if e.is_dir(follow_symlinks=False):
                             shutil.rmtree(e.path, ignore_errors=True)
                         else:

@@ -368,7 +368,7 @@ def atomic_write_dir(target: Path, files: dict[str, bytes]) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise AdapterError(f"{target} already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=parent))   # owner pid in the name
     try:
         for name, data in files.items():
             _write_file(tmp / name, data)
@@ -382,12 +382,54 @@ def atomic_write_dir(target: Path, files: dict[str, bytes]) -> Path:
     return target
 
 
+TMP_PREFIX = ".tmp-"
+_OWNED_TMP = re.compile(r"^\.tmp-(\d+)-")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0          # another user's process, or not a pid at all
+    return True
+
+
+def clean_dead_temps(parent: Path, *, only_adapter_files: bool = True) -> list[str]:
+    """Delete `.tmp-<pid>-*` directories in `parent` whose writer process is gone (killed while writing
+    an adapter). A live owner's directory is never touched; with `only_adapter_files`, neither is one that
+    holds anything but adapter files (so nothing of the user's beside a --save target). Returns the names
+    deleted."""
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _OWNED_TMP.match(e.name)
+        if m is None or not e.is_dir(follow_symlinks=False) or pid_alive(int(m.group(1))):
+            continue
+        try:
+            names = {c.name for c in os.scandir(e.path)}
+        except OSError:
+            continue
+        if only_adapter_files and not names <= set(ADAPTER_FILES):
+            continue
+        shutil.rmtree(e.path, ignore_errors=True)
+        removed.append(e.name)
+    return removed
+
+
 def save_adapter(lm: LoadedModel, result, directory, *, name: str | None = None) -> Path:
     """Write one fixed RepairResult as a PEFT LoRA adapter directory (atomic). `directory` is the adapter
     directory itself (`PeftModel.from_pretrained(base, directory)` loads it); it must not exist yet or be
-    empty. `name` is a human label stored in star.json (default: the fix's first line)."""
+    empty. `name` is a human label stored in star.json (default: the fix's first line). Temporaries left
+    beside it by an earlier writer that was killed are deleted first."""
     encoded = encode_result(lm, result, name=name)
-    return atomic_write_dir(Path(directory).expanduser(), encoded.files)
+    directory = Path(directory).expanduser()
+    clean_dead_temps(directory.parent)
+    return atomic_write_dir(directory, encoded.files)
 
 
 # -- reading and validation --------------------------------------------------------------------------------
