@@ -21,7 +21,8 @@ Two rules keep the KV cache useful on a slower model (Qwen2.5-Coder-0.5B: ~110 p
 2 cores). The prefix is cut at an *anchor* line (the strongest, by content hash, of the non-blank lines that
 keep at least half of the budget), so the start of the prompt stays put for many lines as the user types
 down the file instead of moving, and forcing a full prefill, at every new line. With FIM the suffix (re-fed on
-every keystroke, since it follows the prefix) is capped at FIM_SUFFIX_TOKENS.
+every keystroke, since it follows the prefix) is capped at FIM_SUFFIX_TOKENS, or FIM_LINE_SUFFIX_TOKENS
+for a single-line completion.
 
 An instruct checkpoint in FIM mode tends to go on past the middle and rewrite the suffix, and in plain
 mode to close a markdown fence; `postprocess` cuts both.
@@ -37,7 +38,8 @@ CHARS_PER_TOKEN = 8
 SUFFIX_SHARE = 4          # with FIM, the suffix gets 1/SUFFIX_SHARE of the budget
 BLOCK_OPENERS = (":", "{", "(", "[")
 ANCHOR_LEVELS = (32, 8, 2)   # anchor strengths: one line in 32, in 8, in 2 (by content hash)
-FIM_SUFFIX_TOKENS = 64    # at most this much suffix (whole lines) in a FIM prompt
+FIM_SUFFIX_TOKENS = 64    # at most this much suffix (whole lines) in a FIM prompt ...
+FIM_LINE_SUFFIX_TOKENS = 32   # ... and for a single-line completion, which needs little more than the next lines
 SUFFIX_ECHO_LINES = 8     # suffix lines a completion must not rewrite
 ECHO_MIN_CHARS = 8        # ... when they are this long (short ones like `else:` may well be new code)
 FENCE = "```"
@@ -220,7 +222,8 @@ def build_prompt(
     budget = context.budget
     suffix = ""
     if fim:
-        suffix = _fit_suffix(tokenizer, context.suffix, min(budget // SUFFIX_SHARE, FIM_SUFFIX_TOKENS))
+        cap = FIM_SUFFIX_TOKENS if is_multi else FIM_LINE_SUFFIX_TOKENS
+        suffix = _fit_suffix(tokenizer, context.suffix, min(budget // SUFFIX_SHARE, cap))
         budget -= _count(tokenizer, suffix) + 3
     prefix, n = _fit_prefix(tokenizer, prefix, context.prefix_truncated, max(1, budget))
     healed, heal = _heal(tokenizer, prefix)

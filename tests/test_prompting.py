@@ -46,11 +46,13 @@ def test_without_fim_tokens_or_without_a_suffix_the_prompt_is_the_healed_prefix(
 
 
 def test_fim_suffix_is_capped_in_whole_lines():
-    suffix = "".join(f"line_{i} = {i}\n" for i in range(100))
+    suffix = "\n" + "".join(f"line_{i} = {i}\n" for i in range(100))   # the cursor on an empty line
     source = "x = 1\n" + suffix
-    prompt = build_prompt(Context.at(source, len("x = 1\n"), 2048), FimTokenizer())
-    kept = prompt.text.split("<|fim_suffix|>")[1].split("<|fim_middle|>")[0]
-    assert 0 < len(kept) <= prompting.FIM_SUFFIX_TOKENS and suffix.startswith(kept) and kept.endswith("\n")
+    for multiline, cap in [("always", prompting.FIM_SUFFIX_TOKENS), ("never", prompting.FIM_LINE_SUFFIX_TOKENS)]:
+        prompt = build_prompt(Context.at(source, len("x = 1\n"), 2048), FimTokenizer(), multiline=multiline)
+        assert prompt.multiline == (multiline == "always")
+        kept = prompt.text.split("<|fim_suffix|>")[1].split("<|fim_middle|>")[0]
+        assert cap - 12 < len(kept) <= cap and suffix.startswith(kept) and kept.endswith("\n")
 
 
 def _start(tokenizer, source: str, budget: int) -> str:
