@@ -26,6 +26,13 @@ def count(kind: str, n: int = 1) -> None:
     HOSTILE_COUNTS[kind] = HOSTILE_COUNTS.get(kind, 0) + n
 
 
+@pytest.fixture(scope="module", autouse=True)
+def report_counts():
+    """Print how many hostile inputs of each class this run sent (`pytest -s` shows it)."""
+    yield
+    print("\nhostile inputs sent:", ", ".join(f"{k}: {v}" for k, v in sorted(HOSTILE_COUNTS.items())))
+
+
 # -- adapter files ---------------------------------------------------------------------------------------------
 
 
