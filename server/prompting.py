@@ -18,11 +18,11 @@ prefix is healed the same way and the middle starts by spelling `heal` (FIM trai
 arbitrary characters, so a middle that starts inside a token is what the model has seen).
 
 Two rules keep the KV cache useful on a slower model (Qwen2.5-Coder-0.5B: ~110 prompt tokens/s on
-2 cores). The prefix is cut at an *anchor* line (the strongest, by content hash, of the non-blank lines that
-keep at least half of the budget), so the start of the prompt stays put for many lines as the user types
-down the file instead of moving, and forcing a full prefill, at every new line. With FIM the suffix (re-fed on
-every keystroke, since it follows the prefix) is capped at FIM_SUFFIX_TOKENS, or FIM_LINE_SUFFIX_TOKENS
-for a single-line completion.
+2 cores). The prefix is cut at an *anchor* line (the strongest, by content hash, of the non-blank lines
+that keep at least half of the budget), so the start of the prompt stays put for several lines as the
+user types down the file instead of moving, and forcing a full prefill, at every new line. With FIM the
+suffix (re-fed on every keystroke, since it follows the prefix) is capped at FIM_SUFFIX_TOKENS, or
+FIM_LINE_SUFFIX_TOKENS for a single-line completion.
 
 An instruct checkpoint in FIM mode tends to go on past the middle and rewrite the suffix, and in plain
 mode to close a markdown fence; `postprocess` cuts both.
@@ -162,8 +162,9 @@ def _anchor_level(line: str) -> int:
 
 def _fit_prefix(tokenizer, prefix: str, truncated: bool, budget: int) -> tuple[str, int]:
     """The longest tail of `prefix` that starts at an anchor line, fits in `budget` tokens and fills at
-    least half of it (else the longest tail that starts at any line). Starting at a line start keeps the prompt (and the KV cache) stable
-    while the user types on a line; starting at an anchor keeps it stable over several new lines."""
+    least half of it (else the longest tail that starts at any line). Starting at a line start keeps the
+    prompt (and the KV cache) stable while the user types on a line; starting at an anchor keeps it stable
+    over several new lines."""
     if truncated and "\n" in prefix:
         prefix = prefix.split("\n", 1)[1]
     n = _count(tokenizer, prefix)
@@ -239,7 +240,7 @@ def build_prompt(
         fim=bool(fim),
         n_tokens=n,
         suffix_lines=suffix_lines,
-        fenced=FENCE in prefix,
+        fenced=FENCE in context.prefix,
     )
 
 

@@ -54,7 +54,8 @@ def _fake_entry(wheelhouse: Path, n_parts: int = 3) -> KnownModel:
     wheels = []
     for i in range(1, n_parts + 1):
         (path,) = wheelhouse.glob(f"star_fake_part{i}-1.0-*.whl")
-        wheels.append(Wheel(f"star-fake-part{i}==1.0", _sha(path.read_bytes()), f"star_fake_part{i}/data/part{i:02d}.bin"))
+        member = f"star_fake_part{i}/data/part{i:02d}.bin"
+        wheels.append(Wheel(f"star-fake-part{i}==1.0", _sha(path.read_bytes()), member))
     gguf = b"".join(PARTS[:n_parts])
     return KnownModel(name="fake-coder", summary="a fake model", gguf="fake-coder.gguf", wheels=tuple(wheels),
                       source="nowhere, no licence", gguf_sha256=_sha(gguf), gguf_size=len(gguf))
