@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="automatic single-line completions return what they have after this long "
                              f"(default {d.latency_budget_ms}; 0: off)")
     parser.add_argument("--repair-method", default=d.repair_method, help=f"default: {d.repair_method}")
+    parser.add_argument("--locality-budget", type=float, default=d.locality_budget,
+                        help="largest share of unrelated next-token predictions a fix may change "
+                             f"(default {d.locality_budget}; 1: guard off)")
     parser.add_argument("--threads", type=int,
                         help="torch threads for generation and repair (default: half the CPUs, at least 1; "
                              "OMP_NUM_THREADS also sets it)")
@@ -50,6 +53,7 @@ def _settings(args) -> Settings:
         "debounceMs": args.debounce_ms,
         "latencyBudgetMs": args.latency_budget_ms,
         "repairMethod": args.repair_method,
+        "localityBudget": args.locality_budget,
     })
     if problems:
         raise ValueError("; ".join(problems))
@@ -73,7 +77,7 @@ def _argv(args) -> list[str]:
                         ("--max-tokens", args.max_tokens), ("--max-line-tokens", args.max_line_tokens),
                         ("--context-tokens", args.context_tokens), ("--multiline", args.multiline),
                         ("--debounce-ms", args.debounce_ms), ("--latency-budget-ms", args.latency_budget_ms),
-                        ("--repair-method", args.repair_method),
+                        ("--repair-method", args.repair_method), ("--locality-budget", args.locality_budget),
                         ("--threads", args.threads),
                         ("--log-level", args.log_level), ("--log-file", args.log_file)]:
         if value is not None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from star_engine.case import RepairCase
+from star_engine.locality import GuardConfig, guard_for
 from star_engine.model import LoadedModel, load_model
 from star_engine.repair import RepairResult, repair, undo
 from star_engine.session import RepairCancelled
@@ -175,7 +176,8 @@ class EngineHost:
 
     # -- repair and the patch stack -----------------------------------------------------------------
 
-    def repair(self, case: RepairCase, method: str, cancel=None, progress=None) -> tuple[RepairResult, object]:
+    def repair(self, case: RepairCase, method: str, cancel=None, progress=None,
+               locality_budget: float = GuardConfig().budget) -> tuple[RepairResult, object]:
         """Run a repair on the workbench; on success persist it and switch the serving weights.
         One repair at a time: a second one raises RepairBusy. The commit point is `stack.add`: a cancel
         set before it raises RepairCancelled with the weights restored and nothing on disk; a cancel set
@@ -184,7 +186,9 @@ class EngineHost:
             raise RepairBusy("a repair is already running: wait for it to finish or cancel it")
         try:
             with self.stack.lock:
-                result = repair(self.workbench, [case], method, cancel=cancel, progress=progress)
+                result = repair(self.workbench, [case], method, protect=self.stack.cases(), cancel=cancel,
+                                guard=guard_for(locality_budget),
+                                progress=progress)
                 info = None
                 if result.fixed and cancel is not None and cancel.is_set():
                     # Cancelled before the commit (stack.add): truly cancelled, the weights restored bit

@@ -120,7 +120,8 @@ class FixService:
             prompt = build_prompt(context, host.workbench.tokenizer, multiline=settings.multiline,
                                   max_tokens=settings.max_tokens, max_line_tokens=settings.max_line_tokens)
             case = RepairCase(prompt=prompt.text, fix=prompt.repair_fix(fix), wrong=wrong or None)
-            return host.repair(case, settings.repair_method, cancel=cancel, progress=progress.from_thread(loop))
+            return host.repair(case, settings.repair_method, cancel=cancel, progress=progress.from_thread(loop),
+                               locality_budget=settings.locality_budget)
 
         outcome = "failed"
         try:

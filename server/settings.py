@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from star_engine.guard import GuardConfig
+
 MULTILINE_MODES = ("auto", "always", "never")
 
 
@@ -21,6 +23,7 @@ class Settings:
     debounce_ms: int = 0               # server-side debounce of *automatic* completion requests
     latency_budget_ms: int = 500       # automatic single-line completions stop here with a partial line (0: off)
     repair_method: str = "star"
+    locality_budget: float = GuardConfig().budget   # a fix may move at most this share of unrelated predictions (1: off)
     mark_wrong_command: str = "starRepair.markWrong"   # client command run by the code action
 
     def generation_key(self) -> tuple:
@@ -70,6 +73,14 @@ def _int_in(low: int, high: int):
     return check
 
 
+def _fraction(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {value!r}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"{value} is outside 0..1")
+    return float(value)
+
+
 def _multiline(value) -> str:
     if value is True:
         return "always"
@@ -90,6 +101,7 @@ _KEYS = {
     "debounceMs": ("debounce_ms", _int_in(0, 5000)),
     "latencyBudgetMs": ("latency_budget_ms", _int_in(0, 600000)),
     "repairMethod": ("repair_method", _string),
+    "localityBudget": ("locality_budget", _fraction),
     "markWrongCommand": ("mark_wrong_command", _string),
 }
 _CAMEL = {name: key for key, (name, _) in _KEYS.items()}

@@ -11,6 +11,7 @@ from importlib.metadata import entry_points, version
 from pathlib import Path
 
 from .case import RepairInputError
+from .guard import GuardConfig, guard_for
 from .install import InstallError
 from .model import DEFAULT_MODEL, ModelNotFound
 
@@ -98,7 +99,7 @@ def cmd_repair(args) -> int:
 
     case = RepairCase(prompt=_read(args.prompt, args.prompt_file, "prompt"), fix=_read(args.fix, args.fix_file, "fix"))
     lm = _load(args)
-    result = repair(lm, [case], args.method, parse_settings(args.set))
+    result = repair(lm, [case], args.method, parse_settings(args.set), guard=guard_for(args.locality_budget))
     saved = None
     if args.save and result.fixed:
         from .adapters import save_adapter
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--method", default="star", help="repair method (default: star)")
     rep.add_argument("--set", action="append", metavar="KEY=VALUE", help="method setting, e.g. --set mode=batch")
     rep.add_argument("--save", metavar="DIR", help="save the patch as a PEFT adapter directory")
+    rep.add_argument("--locality-budget", type=float, default=GuardConfig().budget, metavar="SHARE",
+                     help="largest share of unrelated next-token predictions the fix may change "
+                          f"(default {GuardConfig().budget}; 1: guard off)")
     rep.add_argument("--json", action="store_true", help="print one JSON object")
     rep.set_defaults(func=cmd_repair)
 

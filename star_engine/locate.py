@@ -53,3 +53,27 @@ def neuron_masks(scores: dict[int, torch.Tensor], pattern: str, ratio: float, be
         s = scores[best_layer]
         return {best_layer: s >= torch.quantile(s, 1 - ratio)}
     raise ValueError(f"unknown sparsity pattern {pattern!r}")
+
+
+def contrast_neurons(active: dict[int, torch.Tensor], corpus_power: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:
+    """The k neurons, over all layers, most active at the failure relative to how active they are on normal
+    code: score_lj = rms_i(z_lj at the failing positions) / rms(z_lj on the corpus). Those give the fix the
+    most leverage per unit of change on everything else. Returns {layer: ascending neuron indices}.
+
+    active[l] (n, d_ff): activations at the failing positions; corpus_power[l] (d_ff,): E[z_lj²] on the corpus."""
+    layers = sorted(active)
+    scores = []
+    for l in layers:
+        power = corpus_power[l].clamp_min(1e-6 * float(corpus_power[l].mean()) + 1e-12)
+        scores.append((active[l].pow(2).mean(0) / power).sqrt())
+    pooled = torch.cat(scores)
+    k = max(1, min(k, len(pooled)))
+    chosen = torch.zeros(len(pooled), dtype=torch.bool)
+    chosen[pooled.topk(k).indices] = True
+    out, start = {}, 0
+    for l, s in zip(layers, scores):
+        idx = chosen[start : start + len(s)].nonzero().flatten()
+        start += len(s)
+        if len(idx):
+            out[l] = idx
+    return out

@@ -1,5 +1,6 @@
 """The repair driver, the same for every method: check the input, snapshot the weights, run the method,
-verify that greedy decoding now writes every fix, and keep the patch or restore the weights exactly."""
+verify that greedy decoding now writes every fix and that unrelated code did not move (the locality
+guard: over budget, retry with a tightened method), and keep the patch or restore the weights exactly."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from .capture import encode_case, teacher_forced_argmax, token_exact_match
 from .case import EncodedCase, RepairCase, RepairInputError
 from .generate import writes
+from .locality import GuardConfig, Locality, behaviour, compare, guard_windows
 from .methods import get_method
 from .model import LoadedModel
 from .patch import Patch, SavedColumns, WeightSnapshot, restore_columns
@@ -52,6 +54,8 @@ class RepairResult:
     patch: Patch | None = None            # the column deltas, when fixed
     saved: SavedColumns | None = None     # the columns as they were: undo(lm, result) restores them
     method_seconds: float | None = None   # of `seconds`, the method's own work (not the driver's checks)
+    locality: Locality | None = None      # the guard's measure of the kept patch (None: guard off)
+    attempts: int = 1                     # method runs, the guard's tightened retries included
 
     @property
     def layers(self) -> list[int]:
@@ -79,6 +83,8 @@ class RepairResult:
             "method_seconds": None if self.method_seconds is None else round(self.method_seconds, 3),
             "layers": self.layers,
             "neurons": self.neurons,
+            "locality_unchanged": None if self.locality is None else round(self.locality.unchanged, 5),
+            "attempts": self.attempts,
             "before": self.before,
             "after": self.after,
             "cases": [asdict(c) for c in self.cases],
@@ -116,34 +122,62 @@ def repair(
     method: str = "star",
     overrides: dict | None = None,
     *,
+    protect: list[RepairCase] | None = None,
+    guard: GuardConfig | None = GuardConfig(),
     cancel: threading.Event | None = None,
     progress: Progress | None = None,
 ) -> RepairResult:
     """Repair the model in place so that it writes every case's fix. On failure the weights are restored
-    bit for bit and the result says why; on success result.patch holds the exact column deltas."""
+    bit for bit and the result says why; on success result.patch holds the exact column deltas.
+
+    `protect`: earlier fixes (e.g. the patch stack's cases) the method should leave as they are.
+    `guard`: the locality budget on unrelated code; None turns the guard off."""
     repairer = get_method(method, overrides)
     started = time.perf_counter()
     encoded, texts = _encode_checked(lm, cases)
+    kept = _encode_protected(lm, protect or [])
     before = [(text, teacher_forced_argmax(lm, e)) for e, text in zip(encoded, texts)]
+    held = guard_windows(lm, guard) if guard else []
+    held_before = behaviour(lm, held) if guard else None
     snapshot = WeightSnapshot(lm.arch)
-    session = RepairSession(lm, encoded, cancel=cancel, progress=progress)
-    method_started = time.perf_counter()
-    try:
-        repairer.repair(session)
-    except BaseException:
+    attempts, method_seconds, locality, over_budget = 0, 0.0, None, None
+    while True:
+        attempts += 1
+        session = RepairSession(lm, encoded, protect=kept, cancel=cancel, progress=progress)
+        method_started = time.perf_counter()
+        try:
+            repairer.repair(session)
+        except BaseException:
+            snapshot.restore()
+            raise
+        method_seconds += time.perf_counter() - method_started
+        after = [(_greedy(lm, e), teacher_forced_argmax(lm, e)) for e in encoded]
+        reports = [_case_report(lm, e, b, a) for e, b, a in zip(encoded, before, after)]
+        fixed = all(r.fixed for r in reports)
+        over_budget = None
+        if fixed and guard:
+            locality = compare(held_before, behaviour(lm, held))
+            if locality.moved > guard.budget:
+                over_budget = locality
+        if over_budget is None:
+            break
         snapshot.restore()
-        raise
-    method_seconds = time.perf_counter() - method_started
-    after = [(_greedy(lm, e), teacher_forced_argmax(lm, e)) for e in encoded]
-    reports = [_case_report(lm, e, b, a) for e, b, a in zip(encoded, before, after)]
-    fixed = all(r.fixed for r in reports)
+        tighter = _retry_with(repairer, guard, attempts, time.perf_counter() - started)
+        if tighter is None:
+            fixed = False
+            break
+        repairer = tighter
     patch = snapshot.diff() if fixed else None
     saved = snapshot.saved_columns(patch) if fixed else None
     if not fixed:
         snapshot.restore()
+    reason = _reason(reports, session.failures_seen)
+    if over_budget is not None:
+        reason = (f"every fix found moves {over_budget.moved:.2%} of unrelated next-token predictions, over the "
+                  f"locality budget of {guard.budget:.2%}; weights restored")
     return RepairResult(
         fixed=fixed,
-        reason=_reason(reports, session.failures_seen),
+        reason=reason,
         method=repairer.name,
         config=asdict(repairer.config),
         seconds=time.perf_counter() - started,
@@ -151,7 +185,26 @@ def repair(
         patch=patch,
         saved=saved,
         method_seconds=method_seconds,
+        locality=locality if fixed else None,
+        attempts=attempts,
     )
+
+
+def _retry_with(repairer, guard: GuardConfig, attempts: int, elapsed: float):
+    if attempts > guard.retries or elapsed > guard.seconds:
+        return None
+    return repairer.tightened()
+
+
+def _encode_protected(lm: LoadedModel, cases: list[RepairCase]) -> list[EncodedCase]:
+    """The earlier fixes to protect, encoded; one that no longer fits the model is simply not protected."""
+    out = []
+    for c in cases:
+        try:
+            out.append(encode_case(lm, c))
+        except RepairInputError:
+            continue
+    return out
 
 
 def _case_report(lm: LoadedModel, enc: EncodedCase, before, after) -> CaseReport:

@@ -30,10 +30,12 @@ class RepairSession:
         cases: list[EncodedCase],
         *,
         max_passes: int = 3,
+        protect: list[EncodedCase] | None = None,
         cancel: threading.Event | None = None,
         progress: Progress | None = None,
     ):
         self.lm, self.arch, self.cases = lm, lm.arch, cases
+        self.protect = list(protect or [])     # earlier fixes a method should leave as they are
         self.max_passes = max_passes
         self.cancel = cancel
         self._progress = progress

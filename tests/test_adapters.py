@@ -37,7 +37,9 @@ from star_engine.generate import complete
 from star_engine.patch import LayerDelta, Patch, apply_patch
 from star_engine.repair import CaseReport, RepairResult, repair
 
-TINY_STEP = {"lr": "0.1", "mode": "token"}   # token mode: these three tiny-model patches do not interfere
+# The paper's dense token-mode configuration: these three tiny-model patches do not interfere with it.
+TINY_STEP = {"lr": "0.1", "mode": "token", "sparsity": "none", "protect": "none", "direction": "seme",
+             "step_rule": "fixed", "steps": "10"}
 CASES = [
     RepairCase(prompt="def add(a, b):\n    return a +", fix=" b"),
     RepairCase(prompt="def sub(a, b):\n    return a -", fix=" b"),
@@ -75,7 +77,7 @@ def fake_result(lm, patch: Patch, case: RepairCase = CASES[0]) -> RepairResult:
 
 
 def star_repair(lm, case: RepairCase) -> RepairResult:
-    result = repair(lm, [case], "star", TINY_STEP)
+    result = repair(lm, [case], "star", TINY_STEP, guard=None)
     assert result.fixed, result.reason
     return result
 
@@ -661,7 +663,7 @@ def test_cli_round_trip(star_adapters, model_on_disk, tmp_path):
 
 def test_cli_repair_save_writes_a_peft_adapter(model_on_disk, tmp_path):
     code, out, err = run_cli(
-        "repair", "--model", str(model_on_disk), "--prompt", CASES[0].prompt, "--fix", CASES[0].fix,
+        "repair", "--model", str(model_on_disk), "--locality-budget", "1", "--prompt", CASES[0].prompt, "--fix", CASES[0].fix,
         "--set", "lr=0.1", "--save", str(tmp_path / "fix"), "--json",
     )
     assert code == 0, err

@@ -2,6 +2,7 @@
 the real default model with all four methods."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from star_engine.bench import data as bench_data
 from star_engine.bench.cli import parse_method_settings
 from star_engine.bench.runner import ABLATION, variants
 from star_engine.cli import main
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"   # ../shared beside the checkout
 
 RECORDS = [
     {"id": "r1", "intent": "add a and b", "target": "a + b", "intent_alt": "sum of a and b"},
@@ -76,8 +79,9 @@ def _run(monkeypatch, lm, records_file, out, *extra):
 
     monkeypatch.setattr(star_engine.model, "load_model", lambda spec=None: lm)
     before = [lm.arch.columns(l).clone() for l in range(lm.arch.n_layers)]
+    # The locality guard is off: any change moves a random model's predictions.
     rc = main(["bench", "--data", str(records_file), "--limit", "3", "--controls", "2", "--out", str(out),
-               *TINY_SETTINGS, *extra])
+               "--no-guard", *TINY_SETTINGS, *extra])
     assert rc == 0
     for l, w in enumerate(before):      # the bench leaves the model as it found it
         assert torch.equal(lm.arch.columns(l), w)
@@ -85,23 +89,29 @@ def _run(monkeypatch, lm, records_file, out, *extra):
 
 
 def test_bench_on_a_tiny_model_writes_every_output(monkeypatch, tiny_llama, records_file, tmp_path):
-    res = _run(monkeypatch, tiny_llama, records_file, tmp_path / "a", "--sequential")
+    res = _run(monkeypatch, tiny_llama, records_file, tmp_path / "a", "--sequential", "--compose")
     assert set(res) == {"star", "mint", "sgd", "lora", "meta"}
     for m in ("star", "mint", "sgd", "lora"):
         r = res[m]
         for key in ("em_before", "em_after", "fix_rate", "generalization", "specificity", "seconds_per_case",
-                    "neurons_per_case", "layers_per_case", "n_cases", "sequential"):
+                    "neurons_per_case", "layers_per_case", "n_cases", "sequential", "compose", "locality",
+                    "locality_worst", "locality_dnll", "adapter_bytes_median", "neurons_median"):
             assert key in r, (m, key)
+        seq = r["sequential"]
+        assert seq["kept"] + seq["refused"] + seq["unfixed"] + seq["already_written"] == 3
+        assert 0 <= seq["final_locality_unchanged"] <= 1
         assert r["n_cases"] == 3 and 0 <= r["fix_rate"] <= 1
         assert r["em_after"] >= r["em_before"] or r["fix_rate"] < 1
         assert r["generalization_detail"]["n_prompts"] >= 1
     assert res["star"]["fix_rate"] == 1.0
+    assert 0 <= res["star"]["locality_worst"] <= res["star"]["locality"] <= 1
+    assert res["star"]["adapter_bytes_median"] > 0 and res["star"]["compose"]["pairs"] == 1
     assert set(res["meta"]["time_ratios"]) == {"star/mint", "star/sgd", "star/lora"}
     assert set(res["meta"]["method_time_ratios"]) == {"star/mint", "star/sgd", "star/lora"}
     for m in ("star", "mint", "sgd", "lora"):
         assert 0 < res[m]["method_seconds_per_case"] < res[m]["seconds_per_case"]
     report = (tmp_path / "a" / "report.md").read_text()
-    assert "| star |" in report and "| mint |" in report and "Sequential" in report
+    assert "| star |" in report and "| mint |" in report and "Sequential" in report and "## Locality" in report
     assert "Ranked by the selection rule" in report and "Method-time ratios" in report
     for png in ("em_before_after.png", "seconds_per_case.png", "generalization_vs_specificity.png"):
         assert (tmp_path / "a" / png).read_bytes()[:4] == b"\x89PNG"
@@ -124,7 +134,7 @@ def test_three_case_bench_on_the_default_model(default_lm, monkeypatch, tmp_path
     before = [default_lm.arch.columns(l).clone() for l in range(default_lm.arch.n_layers)]
     out = tmp_path / "bench"
     # short targets keep the CI run small; MINT gets the same cases as everyone else
-    rc = main(["bench", "--data", "/work/shared/data/conala/dev.jsonl", "--limit", "3", "--max-target-tokens", "8",
+    rc = main(["bench", "--data", str(SHARED / "data" / "conala" / "dev.jsonl"), "--limit", "3", "--max-target-tokens", "8",
                "--controls", "5", "--out", str(out)])
     assert rc == 0
     for l, w in enumerate(before):

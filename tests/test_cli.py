@@ -36,7 +36,7 @@ def assert_one_line_error(proc, fragment):
 
 
 def test_repair_json_on_a_tiny_model(tiny_dir):
-    proc = run_star("repair", "--model", str(tiny_dir), "--prompt", "def add(a, b):\n    return a +",
+    proc = run_star("repair", "--model", str(tiny_dir), "--locality-budget", "1", "--prompt", "def add(a, b):\n    return a +",
                     "--fix", " b", "--set", "lr=0.1", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -48,7 +48,7 @@ def test_repair_json_on_a_tiny_model(tiny_dir):
 def test_prompt_and_fix_from_files(tiny_dir, tmp_path):
     (tmp_path / "p.py").write_text("def add(a, b):\n    return a +")
     (tmp_path / "f.txt").write_text(" b")
-    proc = run_star("repair", "--model", str(tiny_dir), "--prompt-file", str(tmp_path / "p.py"),
+    proc = run_star("repair", "--model", str(tiny_dir), "--locality-budget", "1", "--prompt-file", str(tmp_path / "p.py"),
                     "--fix-file", str(tmp_path / "f.txt"), "--set", "lr=0.1")
     assert proc.returncode == 0, proc.stderr
     assert "fixed by star" in proc.stdout

@@ -40,7 +40,7 @@ def test_each_baseline_fixes_a_planted_failure_in_every_family(tokenizer, family
     tiny_lm = make_tiny(family, tokenizer, SEED.get(family, 0))
     before = weights(tiny_lm)
     assert complete(tiny_lm, PLANTED.prompt) != PLANTED.fix
-    result = repair(tiny_lm, [PLANTED], method, TINY[method])
+    result = repair(tiny_lm, [PLANTED], method, TINY[method], guard=None)
     assert result.fixed, result.reason
     assert result.method == method and result.neurons > 0
     assert complete(tiny_lm, PLANTED.prompt) == PLANTED.fix
@@ -54,7 +54,7 @@ def test_a_failed_baseline_repair_restores_the_weights_bit_exactly(tiny_llama, m
     before = weights(tiny_llama)
     tiny = {"mint": {"max_patches": "1", "blend": "1e-9"}, "sgd": {"lr": "1e-9", "steps": "1"},
             "lora": {"lr": "1e-9", "steps": "1"}}[method]
-    result = repair(tiny_llama, [PLANTED], method, tiny)
+    result = repair(tiny_llama, [PLANTED], method, tiny, guard=None)
     assert not result.fixed and result.patch is None
     for l, w in enumerate(before):
         assert torch.equal(tiny_llama.arch.columns(l), w)
@@ -65,7 +65,7 @@ def test_mint_patches_a_few_whole_columns_in_the_upper_half(tokenizer):
 
     lm = make_tiny("gpt2", tokenizer)
     before = weights(lm)
-    result = repair(lm, [PLANTED], "mint", {"blend": "10"})
+    result = repair(lm, [PLANTED], "mint", {"blend": "10"}, guard=None)
     assert result.fixed, result.reason
     assert result.layers and all(l >= lm.arch.n_layers // 2 for l in result.layers)
     assert 1 <= result.neurons <= 10
@@ -75,7 +75,7 @@ def test_mint_patches_a_few_whole_columns_in_the_upper_half(tokenizer):
 
 def test_lora_leaves_a_plain_model_behind(tiny_lm):
     types = {n: type(m) for n, m in tiny_lm.model.named_modules()}
-    result = repair(tiny_lm, [PLANTED], "lora", TINY["lora"])
+    result = repair(tiny_lm, [PLANTED], "lora", TINY["lora"], guard=None)
     assert result.fixed, result.reason
     after = {n: type(m) for n, m in tiny_lm.model.named_modules()}
     assert after == types
@@ -92,7 +92,7 @@ def test_baselines_are_deterministic(tokenizer):
     for method in ("mint", "sgd", "lora"):
         deltas = []
         for _ in range(2):
-            r = repair(make_tiny("llama", tokenizer), [PLANTED], method, TINY[method])
+            r = repair(make_tiny("llama", tokenizer), [PLANTED], method, TINY[method], guard=None)
             deltas.append({l: ld.delta for l, ld in r.patch.layers.items()} if r.patch else {})
         assert deltas[0].keys() == deltas[1].keys()
         assert all(torch.equal(deltas[0][l], deltas[1][l]) for l in deltas[0]), method

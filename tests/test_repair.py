@@ -25,7 +25,7 @@ def assert_same_weights(lm, saved):
 @pytest.mark.parametrize("mode", ["token", "batch"])
 def test_star_fixes_a_planted_failure_in_every_family(tiny_lm, mode):
     assert complete(tiny_lm, PLANTED.prompt) != PLANTED.fix
-    result = repair(tiny_lm, [PLANTED], "star", TINY_STEP | {"mode": mode})
+    result = repair(tiny_lm, [PLANTED], "star", TINY_STEP | {"mode": mode}, guard=None)
     assert result.fixed, result.reason
     assert complete(tiny_lm, PLANTED.prompt) == PLANTED.fix
     assert result.after == PLANTED.fix and result.before != PLANTED.fix
@@ -35,7 +35,7 @@ def test_star_fixes_a_planted_failure_in_every_family(tiny_lm, mode):
 
 def test_undo_restores_the_weights_bit_exactly(tiny_llama):
     before = weights(tiny_llama)
-    result = repair(tiny_llama, [PLANTED], "star", TINY_STEP)
+    result = repair(tiny_llama, [PLANTED], "star", TINY_STEP, guard=None)
     assert result.fixed
     undo(tiny_llama, result)
     assert_same_weights(tiny_llama, before)
@@ -43,7 +43,7 @@ def test_undo_restores_the_weights_bit_exactly(tiny_llama):
 
 def test_a_repair_that_cannot_fix_restores_the_weights_bit_exactly(tiny_llama):
     before = weights(tiny_llama)
-    result = repair(tiny_llama, [PLANTED], "star", {"lr": "1e-9", "steps": "1"})
+    result = repair(tiny_llama, [PLANTED], "star", {"lr": "1e-9", "steps": "1"}, guard=None)
     assert not result.fixed
     assert "still writes" in result.reason and result.patch is None
     assert_same_weights(tiny_llama, before)
@@ -55,7 +55,7 @@ def test_token_mode_gives_up_at_the_first_failure_it_cannot_fix(tiny_llama):
     for give_up in ("true", "false"):
         messages = []
         settings = {"mode": "token", "lr": "1e-9", "steps": "1", "give_up": give_up}
-        result = repair(tiny_llama, [case], "star", settings, progress=lambda m, f: messages.append(m))
+        result = repair(tiny_llama, [case], "star", settings, progress=lambda m, f: messages.append(m), guard=None)
         assert not result.fixed
         visited[give_up] = len(messages)     # one progress message per failing token visited
     assert visited["true"] == 1 < visited["false"]
@@ -66,7 +66,7 @@ def test_same_input_gives_the_same_patch(tokenizer):
 
     patches = []
     for _ in range(2):
-        result = repair(make_tiny("llama", tokenizer), [PLANTED], "star", TINY_STEP)
+        result = repair(make_tiny("llama", tokenizer), [PLANTED], "star", TINY_STEP, guard=None)
         patches.append(result.patch)
     a, b = patches
     assert a.layer_ids == b.layer_ids
@@ -77,7 +77,7 @@ def test_same_input_gives_the_same_patch(tokenizer):
 
 def test_neurons_outside_the_mask_stay_bit_identical(tiny_llama):
     before = weights(tiny_llama)
-    result = repair(tiny_llama, [PLANTED], "star", TINY_STEP | {"sparsity": "layer", "sparsity_ratio": "0.125"})
+    result = repair(tiny_llama, [PLANTED], "star", TINY_STEP | {"sparsity": "layer", "sparsity_ratio": "0.125"}, guard=None)
     assert result.fixed, result.reason
     [layer] = result.layers                    # layer-wise sparsity: one layer only
     assert result.neurons < tiny_llama.arch.d_ff // 2     # one mask of d_ff/8 per failing token
@@ -89,14 +89,14 @@ def test_neurons_outside_the_mask_stay_bit_identical(tiny_llama):
 
 
 def test_top_layers_by_ffn_skip_limit_the_patch(tiny_llama):
-    result = repair(tiny_llama, [PLANTED], "star", TINY_STEP | {"layer_ratio": "0.25"})
+    result = repair(tiny_llama, [PLANTED], "star", TINY_STEP | {"layer_ratio": "0.25"}, guard=None)
     assert result.fixed, result.reason
     assert len(result.layers) == 1
 
 
 def test_several_cases_in_one_repair(tiny_llama):
     cases = [PLANTED, RepairCase(prompt="def sub(a, b):\n    return a -", fix=" b")]
-    result = repair(tiny_llama, cases, "star", TINY_STEP | {"mode": "batch"})
+    result = repair(tiny_llama, cases, "star", TINY_STEP | {"mode": "batch"}, guard=None)
     assert result.fixed, result.reason
     assert [complete(tiny_llama, c.prompt) for c in cases] == [" b", " b"]
     assert len(result.cases) == 2
@@ -107,7 +107,7 @@ def test_cancelled_repair_restores_and_raises(tiny_llama):
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(RepairCancelled):
-        repair(tiny_llama, [PLANTED], "star", TINY_STEP, cancel=cancel)
+        repair(tiny_llama, [PLANTED], "star", TINY_STEP, cancel=cancel, guard=None)
     assert_same_weights(tiny_llama, before)
 
 
@@ -121,19 +121,19 @@ def test_cancelled_repair_restores_and_raises(tiny_llama):
 )
 def test_bad_input_is_refused_with_a_clear_message(tiny_llama, case, message):
     with pytest.raises(RepairInputError, match=message):
-        repair(tiny_llama, [case])
+        repair(tiny_llama, [case], guard=None)
 
 
 def test_a_fix_the_model_already_writes_is_refused(tiny_llama):
-    assert repair(tiny_llama, [PLANTED], "star", TINY_STEP).fixed
+    assert repair(tiny_llama, [PLANTED], "star", TINY_STEP, guard=None).fixed
     with pytest.raises(RepairInputError, match="already writes"):
-        repair(tiny_llama, [PLANTED])
+        repair(tiny_llama, [PLANTED], guard=None)
 
 
 def test_unknown_method_and_settings_are_refused(tiny_llama):
     with pytest.raises(ValueError, match="unknown repair method"):
-        repair(tiny_llama, [PLANTED], "nope")
+        repair(tiny_llama, [PLANTED], "nope", guard=None)
     with pytest.raises(ValueError, match="unknown setting"):
-        repair(tiny_llama, [PLANTED], "star", {"nope": "1"})
+        repair(tiny_llama, [PLANTED], "star", {"nope": "1"}, guard=None)
     with pytest.raises(ValueError, match="one of"):
-        repair(tiny_llama, [PLANTED], "star", {"mode": "sideways"})
+        repair(tiny_llama, [PLANTED], "star", {"mode": "sideways"}, guard=None)

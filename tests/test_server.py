@@ -50,8 +50,11 @@ FIX = "a.reverse()"
 
 
 def server_command(model: str | Path | None, adapters: Path, *extra: str) -> list[str]:
-    """`python -m star_server` on `model` (None: the default model) with its own adapters folder."""
+    """`python -m star_server` on `model` (None: the default model) with its own adapters folder. A tiny
+    random model on disk gets the locality guard off: any change moves a random model's predictions."""
     chosen = ["--model", str(model)] if model is not None else []
+    if isinstance(model, Path):
+        chosen += ["--locality-budget", "1"]
     return [sys.executable, "-m", "star_server", *chosen, "--adapters", str(adapters), *extra]
 
 

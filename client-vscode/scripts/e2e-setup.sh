@@ -2,7 +2,7 @@
 # Installs everything the real-VS-Code e2e test needs, from the package registries only
 # (Debian: chromium, libkrb5-dev; npm: node 24, code-server, playwright-core).
 # Idempotent: a second run with the same versions returns at once (stamp file).
-# Recipe: /work/shared/docs/real_client.md (code-server >= 4.104 needs node 24; never put node and
+# Recipe: ../shared/docs/real_client.md (code-server >= 4.104 needs node 24; never put node and
 # code-server in the same package.json; libkrb5-dev for VS Code's kerberos native module).
 set -euo pipefail
 CS_VERSION=4.139.1          # code-server 4.139.1 = VS Code 1.139.1 (web); needs node 24

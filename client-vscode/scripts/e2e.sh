@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end test of the STAR extension in a real VS Code (code-server 4.139.1 = VS Code 1.139.1),
-# headless Chromium driven by Playwright; recipe: /work/shared/docs/real_client.md.
+# headless Chromium driven by Playwright; recipe: ../shared/docs/real_client.md.
 #
 #   bash client-vscode/scripts/e2e.sh
 #

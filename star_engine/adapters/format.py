@@ -2,8 +2,9 @@
 
 Encoding (per patched layer, whichever is smaller; both are exact and vanilla `peft` loads both):
 
-* one-hot:  r = k (number of patched neurons), lora_A (k, d_ff) one-hot rows selecting the neurons,
-            lora_B (d, k) = the delta columns;
+* one-hot:  r = k (number of patched neurons), lora_A (k, d_ff) one-hot rows selecting the neurons
+            (stored as float16: 0 and 1 are exact, and A is most of the file), lora_B (d, k) = the
+            delta columns (float32);
 * identity: r = d, lora_B = I_d, lora_A (d, d_ff) = the dense delta (untouched columns zero).
 
 `lora_alpha = r` per module through `rank_pattern` / `alpha_pattern`, so PEFT's scale is exactly 1 and the
@@ -155,7 +156,7 @@ def encode_patch(lm: LoadedModel, patch: Patch) -> tuple[dict[str, torch.Tensor]
         delta = ld.delta.detach().to(torch.float32)
         k = len(cols)
         if k <= d:
-            a = torch.zeros(k, d_ff)
+            a = torch.zeros(k, d_ff, dtype=torch.float16)
             a[torch.arange(k), cols] = 1.0
             b = delta.clone()
             ranks[layer], encodings[layer] = k, "one-hot"

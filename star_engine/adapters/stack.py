@@ -284,6 +284,11 @@ class PatchStack:
                 rows.append(VerifyRow(i, n, case.prompt, case.fix, wrote, ok, enabled))
         return rows
 
+    def cases(self) -> list[RepairCase]:
+        """The stored cases of every applied patch: the earlier fixes a new repair must protect."""
+        with self.lock:
+            return [c for i in self._applied for c in self._cases(i)]
+
     def _cases(self, adapter_id: str) -> list[RepairCase]:
         if adapter_id in self._adapters:
             return self._adapters[adapter_id].cases

@@ -21,7 +21,12 @@ def register(sub) -> None:
     p.add_argument("--ablation", nargs="?", const="all", metavar="PICK",
                    help="also run the STAR ablation grid (layers, sparsity, mode); optional PICK = comma-separated "
                         "parts of grid labels to run only those, e.g. 'dense,top 1/4,layer 1/16'")
-    p.add_argument("--sequential", action="store_true", help="also run every method over all cases without reset")
+    p.add_argument("--sequential", action="store_true",
+                   help="also run every method over all cases in a row through a real patch stack")
+    p.add_argument("--compose", action="store_true",
+                   help="also stack pairs of patches made independently on the base model: do both still hold?")
+    p.add_argument("--no-guard", action="store_true",
+                   help="turn the repair's locality guard off (it is on in `star repair` and the server)")
     p.add_argument("--kind", choices=["python", "bash", "asm"], help="prompt template (default: from the file path)")
     p.add_argument("--controls", type=int, default=10, help="control prompts for specificity")
     p.add_argument("--max-target-tokens", type=int, default=48, help="skip records with longer targets")
@@ -49,7 +54,8 @@ def cmd_bench(args) -> int:
     from ..model import DEFAULT_MODEL, load_model
     from . import data as bench_data
     from .report import time_ratios, write
-    from .runner import run_independent, run_sequential, variants
+    from ..locality import GuardConfig
+    from .runner import run_compose, run_independent, run_sequential, variants
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,14 +71,18 @@ def cmd_bench(args) -> int:
                                 max_target_tokens=args.max_target_tokens, progress=bar.update)
     if not data.cases:
         print("star: no case: the model already writes every target", file=sys.stderr)
+    guard = None if args.no_guard else GuardConfig()
     results: dict[str, dict] = {}
     per_row = len(data.cases) * (2 if args.sequential else 1)
     with tqdm(total=per_row * len(rows), desc="repairing", unit="repair", file=sys.stderr) as bar:
         for v in rows:
             bar.set_description(v.label)
-            results[v.label] = run_independent(lm, data, v, lambda: bar.update())
+            patches: list = []
+            results[v.label] = run_independent(lm, data, v, lambda: bar.update(), guard=guard, patches=patches)
+            if args.compose:
+                results[v.label]["compose"] = run_compose(lm, data, patches)
             if args.sequential:
-                results[v.label]["sequential"] = run_sequential(lm, data, v, lambda: bar.update())
+                results[v.label]["sequential"] = run_sequential(lm, data, v, lambda: bar.update(), guard=guard)
     meta = {
         "command": "star bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "star bench",
         "data": str(args.data), "kind": kind, "template": bench_data.TEMPLATES[kind],
@@ -83,6 +93,7 @@ def cmd_bench(args) -> int:
         "time_ratios": time_ratios(results),
         "method_time_ratios": time_ratios(results, key="method_seconds_per_case"),
         "torch_threads": torch.get_num_threads(),
+        "guard": None if guard is None else vars(guard),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     out = Path(args.out)

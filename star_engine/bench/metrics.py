@@ -77,6 +77,14 @@ def mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def median(xs: Sequence[float]) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
 @dataclass
 class CaseOutcome:
     """What one method did to one case."""
@@ -92,6 +100,9 @@ class CaseOutcome:
     spec_unchanged: float | None = None    # only for kept repairs
     spec_dloglik: float | None = None
     method_seconds: float | None = None    # the method's own share of `seconds`
+    locality_unchanged: float | None = None   # kept repairs: held-out corpus argmax unchanged
+    locality_dnll: float | None = None        # ... and mean |delta NLL| there
+    adapter_bytes: int | None = None          # ... and the size of its adapter weights file
 
 
 def summarise(outcomes: Sequence[CaseOutcome]) -> dict:
@@ -126,5 +137,10 @@ def summarise(outcomes: Sequence[CaseOutcome]) -> dict:
         "seconds_per_case": mean([o.seconds for o in outcomes]),
         "method_seconds_per_case": mean([o.method_seconds for o in outcomes]),
         "neurons_per_case": mean([o.neurons for o in fixed]),
+        "neurons_median": median([o.neurons for o in fixed]),
+        "locality": mean([o.locality_unchanged for o in fixed]),
+        "locality_worst": min([o.locality_unchanged for o in fixed if o.locality_unchanged is not None], default=None),
+        "locality_dnll": mean([o.locality_dnll for o in fixed]),
+        "adapter_bytes_median": median([o.adapter_bytes for o in fixed]),
         "layers_per_case": mean([o.layers for o in fixed]),
     }

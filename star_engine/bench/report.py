@@ -64,14 +64,39 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def _pct2(x) -> str:
+    return "–" if x is None else f"{100 * x:.2f} %"
+
+
+def _kib(n) -> str:
+    return "–" if n is None else f"{n / 1024:.0f} KiB"
+
+
+def _compose(c: dict | None) -> str:
+    return f"{100 * c['both_hold']:.0f} % of {c['pairs']}" if c and c.get("pairs") else "–"
+
+
+def locality_table(results: dict) -> str:
+    rows = ["| method | kept patches | unrelated argmax unchanged, mean | worst | mean abs ΔNLL | neurons (median) "
+            "| adapter file (median) | two independent patches stacked, both hold |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, r in results.items():
+        rows.append(f"| {label} | {r['n_fixed']} | {_pct2(r.get('locality'))} | {_pct2(r.get('locality_worst'))} "
+                    f"| {_f(r.get('locality_dnll'), 4)} | {_f(r.get('neurons_median'), 0)} "
+                    f"| {_kib(r.get('adapter_bytes_median'))} | {_compose(r.get('compose'))} |")
+    return "\n".join(rows)
+
+
 def sequential_table(results: dict) -> str:
-    rows = ["| method | fixed in sequence | already written | earlier fixes still holding | final fix rate |",
-            "|---|---:|---:|---:|---:|"]
+    rows = ["| method | cases | kept | refused by the stack | not fixed | already written | kept fixes still holding "
+            "| unrelated argmax unchanged at the end | stack size |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in results.items():
         q = r.get("sequential")
         if q:
-            rows.append(f"| {label} | {q['n_fixed']}/{q['n_cases']} | {q['already_written']} | "
-                        f"{_f(q['held'], pct=True)} | {_f(q['final_fix_rate'], pct=True)} |")
+            rows.append(f"| {label} | {q['n_cases']} | {q['kept']} | {q['refused']} | {q['unfixed']} | {q['already_written']} "
+                        f"| {_f(q['held'], pct=True)} | {_pct2(q['final_locality_unchanged'])} "
+                        f"| {q['stack_bytes'] / 2**20:.2f} MiB |")
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
@@ -173,9 +198,10 @@ def write(out: Path, results: dict, meta: dict) -> None:
     if len(results) > 1:
         lines += ["Ranked by the selection rule (fix rate, EM after, controls unchanged, mean |Δlog-lik|, "
                   "s / case): " + " > ".join(f"`{label}`" for label in ranking(results)), ""]
+    lines += ["## Locality (held-out code corpus, per kept patch)", "", locality_table(results), ""]
     seq = sequential_table(results)
     if seq:
-        lines += ["## Sequential mode (cumulative repairs, no reset)", "", seq, ""]
+        lines += ["## Sequential mode (one repair after another through the patch stack)", "", seq, ""]
     lines += [f"![{p}]({p})" for p in plots] + [""]
     lines.append(DEFINITIONS.format(max_tokens=meta["max_target_tokens"], n_controls=meta["n_controls"]))
     (out / "report.md").write_text("\n".join(lines))

@@ -3,15 +3,19 @@ optionally, sequential mode (all cases in a row, no reset)."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from ..adapters import AdapterError, PatchStack
+from ..adapters.format import WEIGHTS_NAME, encode_result
 from ..capture import encode, target_text
 from ..case import RepairInputError
 from ..generate import writes
+from ..locality import GuardConfig, behaviour, compare, held_windows
 from ..methods import get_method
 from ..model import LoadedModel
-from ..patch import WeightSnapshot
+from ..patch import WeightSnapshot, apply_patch, restore_columns
 from ..repair import repair, undo
 from .data import BenchData
 from .metrics import CaseOutcome, score, specificity, summarise
@@ -60,24 +64,34 @@ def variants(methods: list[str], settings: dict[str, dict], ablation: bool | str
     return out
 
 
-def _outcome(lm: LoadedModel, data: BenchData, bc, result, alt_before, ctl_before) -> CaseOutcome:
+def _outcome(lm: LoadedModel, data: BenchData, bc, result, alt_before, ctl_before, held_before) -> CaseOutcome:
     report = result.cases[0]
+    locality, size = None, None
     if result.fixed:
         alt_after = score(lm, bc.alternates) if bc.alternates else []
         unchanged, dll = specificity(ctl_before, score(lm, data.controls))
+        locality = compare(held_before, behaviour(lm, held_windows(lm)))
+        size = len(encode_result(lm, result).files[WEIGHTS_NAME])
     else:   # restored bit for bit by the driver: nothing moved
         alt_after, unchanged, dll = alt_before, None, None
     return CaseOutcome(result.fixed, report.em_before, report.em_after, result.seconds, result.neurons,
-                       len(result.layers), alt_before, alt_after, unchanged, dll, result.method_seconds)
+                       len(result.layers), alt_before, alt_after, unchanged, dll, result.method_seconds,
+                       locality.unchanged if locality else None, locality.mean_dnll if locality else None, size)
 
 
-def run_independent(lm: LoadedModel, data: BenchData, variant: Variant, tick: Callable[[], None] = lambda: None) -> dict:
+def run_independent(lm: LoadedModel, data: BenchData, variant: Variant, tick: Callable[[], None] = lambda: None,
+                    guard: GuardConfig | None = GuardConfig(), patches: list | None = None) -> dict:
+    """Every case repaired from the original weights. `patches`, if given, receives each case's kept
+    patch (None when not fixed), for the compose measure."""
     ctl_before = score(lm, data.controls)
+    held_before = behaviour(lm, held_windows(lm))
     outcomes = []
     for bc in data.cases:
         alt_before = score(lm, bc.alternates) if bc.alternates else []
-        result = repair(lm, [bc.case], variant.method, variant.overrides)
-        outcomes.append(_outcome(lm, data, bc, result, alt_before, ctl_before))
+        result = repair(lm, [bc.case], variant.method, variant.overrides, guard=guard)
+        outcomes.append(_outcome(lm, data, bc, result, alt_before, ctl_before, held_before))
+        if patches is not None:
+            patches.append(result.patch if result.fixed else None)
         if result.fixed:
             undo(lm, result)
         tick()
@@ -87,7 +101,8 @@ def run_independent(lm: LoadedModel, data: BenchData, variant: Variant, tick: Ca
     summary["cases"] = [
         {"id": bc.record.get("id"), "fixed": o.fixed, "em_before": o.em_before, "em_after": o.em_after,
          "seconds": round(o.seconds, 3),
-         "method_seconds": round(o.method_seconds, 3), "neurons": o.neurons, "layers": o.layers}
+         "method_seconds": round(o.method_seconds, 3), "neurons": o.neurons, "layers": o.layers,
+         "locality_unchanged": o.locality_unchanged, "locality_dnll": o.locality_dnll, "adapter_bytes": o.adapter_bytes}
         for bc, o in zip(data.cases, outcomes)
     ]
     return summary
@@ -99,32 +114,67 @@ def _writes(lm: LoadedModel, bc) -> bool:
     return writes(lm, encode(lm, bc.case.prompt), text, len(ids) + 4)[0]
 
 
-def run_sequential(lm: LoadedModel, data: BenchData, variant: Variant, tick: Callable[[], None] = lambda: None) -> dict:
-    """All cases one after another, keeping every successful patch; then how many earlier fixes still hold."""
+def run_sequential(lm: LoadedModel, data: BenchData, variant: Variant, tick: Callable[[], None] = lambda: None,
+                   guard: GuardConfig | None = GuardConfig()) -> dict:
+    """All cases one after another through a real PatchStack, as the server does: each repair protects the
+    stack's cases, a fixed one is added under the stack's regression policy (kept or refused). Then: how
+    many kept fixes still hold, and the final model's locality against the base."""
     snapshot = WeightSnapshot(lm.arch)
-    fixed, already, seconds = [], 0, 0.0
+    held = held_windows(lm)
+    base = behaviour(lm, held)
+    kept, refused, unfixed, already, seconds = [], 0, 0, 0, 0.0
     try:
-        for i, bc in enumerate(data.cases):
-            try:
-                result = repair(lm, [bc.case], variant.method, variant.overrides)
-            except RepairInputError:     # an earlier patch already taught it this fix
-                already += 1
+        with tempfile.TemporaryDirectory(prefix="star-bench-stack-") as folder:
+            stack = PatchStack(lm, folder)
+            stack.load()
+            for i, bc in enumerate(data.cases):
+                try:
+                    result = repair(lm, [bc.case], variant.method, variant.overrides, protect=stack.cases(), guard=guard)
+                except RepairInputError:     # an earlier patch already taught it this fix
+                    already += 1
+                    tick()
+                    continue
+                seconds += result.seconds
+                if not result.fixed:
+                    unfixed += 1
+                else:
+                    try:
+                        stack.add(result)
+                        kept.append(i)
+                    except AdapterError:
+                        refused += 1
                 tick()
-                continue
-            seconds += result.seconds
-            if result.fixed:
-                fixed.append(i)
-            tick()
-        held = [i for i in fixed if _writes(lm, data.cases[i])]
-        final = sum(_writes(lm, bc) for bc in data.cases)
+            held_at_end = [i for i in kept if _writes(lm, data.cases[i])]
+            final = compare(base, behaviour(lm, held))
+            sizes = [p.size_bytes for p in stack.list()]
     finally:
         snapshot.restore()
     n = len(data.cases)
     return {
         "n_cases": n,
-        "n_fixed": len(fixed),
+        "n_fixed": len(kept),
+        "kept": len(kept),
+        "refused": refused,
+        "unfixed": unfixed,
         "already_written": already,
-        "held": len(held) / len(fixed) if fixed else None,
-        "final_fix_rate": final / n if n else None,
+        "held": len(held_at_end) / len(kept) if kept else None,
+        "final_locality_unchanged": final.unchanged,
+        "final_locality_dnll": final.mean_dnll,
+        "stack_bytes": sum(sizes),
         "seconds_per_case": seconds / n if n else None,
     }
+
+
+def run_compose(lm: LoadedModel, data: BenchData, patches: list, max_pairs: int = 20) -> dict:
+    """Pairs of patches made independently on the base model (consecutive kept ones), applied together:
+    the share of pairs where greedy decoding still writes both fixes."""
+    fixed = [i for i, p in enumerate(patches) if p is not None]
+    pairs = list(zip(fixed[0::2], fixed[1::2]))[:max_pairs]
+    both = 0
+    for a, b in pairs:
+        saved_a = apply_patch(lm.arch, patches[a])
+        saved_b = apply_patch(lm.arch, patches[b])
+        both += _writes(lm, data.cases[a]) and _writes(lm, data.cases[b])
+        restore_columns(lm.arch, saved_b)
+        restore_columns(lm.arch, saved_a)
+    return {"pairs": len(pairs), "both_hold": both / len(pairs) if pairs else None}

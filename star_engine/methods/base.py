@@ -30,6 +30,11 @@ class RepairMethod(ABC):
     @abstractmethod
     def repair(self, session: RepairSession) -> None: ...
 
+    def tightened(self) -> "RepairMethod | None":
+        """A more local variant of this method to retry with when a repair moved too much of the model
+        (the driver's locality guard); None when there is none."""
+        return None
+
 
 def field_help(config_cls: type) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(config_cls)}

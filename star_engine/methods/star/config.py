@@ -7,22 +7,57 @@ from typing import Literal
 @dataclass
 class StarConfig:
     mode: Literal["token", "batch"] = field(
-        default="batch",   # the ablation winner: the only variant fixing every case of both dev splits (docs/ablation.md)
+        default="batch",
         metadata={"help": "token: one optimisation per failing token, in order; batch: one joint "
                           "optimisation over every target token of every case (rows stacked)"},
     )
-    steps: int = field(default=10, metadata={"help": "optimiser steps per failure at most (stops early when fixed)"})
-    lr: float = field(default=1e-2, metadata={"help": "eta: the step is eta * |P| * -sign(grad)"})
+    steps: int = field(default=20, metadata={"help": "accepted optimiser steps per repair at most (stops early when fixed)"})
+    lr: float = field(default=1e-2, metadata={"help": "eta, the first step scale: the step is eta * D"})
+    step_rule: Literal["minimal", "backtrack", "fixed"] = field(
+        default="minimal",
+        metadata={"help": "minimal: along each step, the smallest scale that fixes every target (doubling from "
+                          "lr/16, then bisection), else the scale with the lowest loss; backtrack: a step is kept "
+                          "only if it lowers the loss, else its scale is halved and retried; fixed: the paper's "
+                          "constant eta (can overshoot). No rule but fixed ever accepts a higher loss"},
+    )
+    direction: Literal["seme", "gradient", "prior"] = field(
+        default="gradient",
+        metadata={"help": "seme: the paper's |P| * -sign(G); gradient: -G; prior: the protected prior itself. "
+                          "With a protected metric, seme and gradient are realised again: the least change on "
+                          "normal code with the same effect at the failing positions (none at the right ones)"},
+    )
+    backtracks: int = field(default=6, metadata={"help": "backtrack: halvings tried before the repair gives up"})
+    bisections: int = field(default=5, metadata={"help": "minimal: bisection steps between the last failing and first fixing scale"})
+    margin: float = field(
+        default=0.5,
+        metadata={"help": "minimal: a target counts as fixed when its logit beats every other by this much "
+                          "(headroom, so that later patches do not undo it)"},
+    )
     layer_ratio: float = field(
         default=1.0,
         metadata={"help": "fraction of layers to patch, ranked by FFN-skip loss (1.0 = all layers, no ranking)"},
     )
-    sparsity: Literal["none", "global", "layer"] = field(
-        default="none",
-        metadata={"help": "neuron mask by grad x activation: none, global (quantile over all layers), "
-                          "layer (the single top FFN-skip layer only)"},
+    sparsity: Literal["none", "contrast", "global", "layer"] = field(
+        default="contrast",
+        metadata={"help": "which neurons may change: none (all), contrast (the `neurons` most active at the "
+                          "failure relative to the corpus, over all layers), global / layer (grad x activation "
+                          "masks of the paper, `sparsity_ratio` of them)"},
     )
-    sparsity_ratio: float = field(default=0.25, metadata={"help": "rho: share of d_ff neurons kept by the mask"})
+    neurons: int = field(default=128, metadata={"help": "contrast: neurons per patch (over all layers)"})
+    sparsity_ratio: float = field(default=0.25, metadata={"help": "global / layer: rho, share of d_ff neurons kept by the mask"})
+    protect: Literal["covariance", "nullspace", "none"] = field(
+        default="covariance",
+        metadata={"help": "the prior's metric: covariance (least change of the layer's output on the code "
+                          "corpus, MEMIT-style), nullspace (only corpus-unused directions, AlphaEdit-style), "
+                          "none (the paper's plain minimum norm)"},
+    )
+    ridge: float = field(default=1e-2, metadata={"help": "covariance: lambda of C + lambda mean(diag C) I; nullspace: the weight left to used directions"})
+    nullspace_threshold: float = field(default=2e-2, metadata={"help": "nullspace: eigenvalues below this share of the largest count as unused"})
+    keep_weight: float = field(
+        default=1.0,
+        metadata={"help": "weight of the earlier fixes' activations in the protected statistic, relative to the "
+                          "whole corpus (0 = earlier fixes are not protected)"},
+    )
     give_up: bool = field(
         default=True,
         metadata={"help": "token mode: end the repair at the first failing token still wrong after its steps (the "

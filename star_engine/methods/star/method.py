@@ -1,18 +1,51 @@
-"""STAR wired into a model: per failure, locate layers (and neurons), then take prior-guided sign steps."""
+"""STAR wired into a model: pick the neurons, build the protected prior, take sign steps that cannot overshoot.
+
+One optimisation works on a *problem*: token sequences and, in each, the positions that predict target
+tokens. Batch mode makes one problem of every target token of every case; token mode one problem per
+failing token, in order.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from ...case import FailurePoint
 from ...hooks import record_activations
-from ...locate import ffn_skip_losses, neuron_masks, neuron_scores, top_layers
+from ...locate import contrast_neurons, ffn_skip_losses, neuron_masks, neuron_scores, top_layers
+from ...protect import corpus_statistic
 from ...semantic import semantic_steer
 from ...session import RepairSession
 from ..base import RepairMethod
 from .config import StarConfig
-from .solver import min_norm_prior, seme_step
+from .solver import Metric, protected_metric, protected_prior, realise, seme_direction
+
+_MAX_SCALE = 8.0   # backtrack: a kept step may grow the scale up to this multiple of lr
+
+
+@dataclass
+class _Problem:
+    inputs: list[torch.Tensor]    # (1, T) token ids, one per sequence
+    spans: list[slice]            # the predicting positions in each
+    target: torch.Tensor          # (N,) the target token at every predicting position, concatenated
+
+
+_SCALES = [2.0**k for k in range(-4, 9)]   # minimal: the scales tried, in units of lr
+
+
+@dataclass
+class _Pass:
+    loss: torch.Tensor
+    predicted: torch.Tensor                # (N,)
+    rows: dict[int, torch.Tensor]          # layer -> (N, d_ff) activations at the predicting positions
+    margin: float                          # min over positions of target logit - best other logit
+
+
+def _margin(logits: torch.Tensor, target: torch.Tensor) -> float:
+    right = logits.gather(1, target[:, None]).squeeze(1)
+    others = logits.scatter(1, target[:, None], float("-inf")).max(-1).values
+    return float((right - others).min())
 
 
 class StarMethod(RepairMethod):
@@ -21,78 +54,204 @@ class StarMethod(RepairMethod):
 
     def repair(self, session: RepairSession) -> None:
         if self.config.mode == "batch":
-            self._repair_batch(session)
-        else:
-            for point in session.failing_points():
-                if not self._fix_point(session, point) and self.config.give_up:
-                    return
-
-    # -- locating ---------------------------------------------------------------------------------
-
-    def _locate(self, session: RepairSession, point: FailurePoint) -> tuple[list[int], dict[int, torch.Tensor]]:
-        cfg, lm = self.config, session.lm
-        all_layers = list(range(lm.arch.n_layers))
-        ranked = cfg.layer_ratio < 1.0 or cfg.sparsity == "layer"
-        losses = ffn_skip_losses(lm, point.context_ids, point.target) if ranked else None
-        layers = top_layers(losses, cfg.layer_ratio) if cfg.layer_ratio < 1.0 else all_layers
-        if cfg.sparsity == "none":
-            return layers, {}
-        best = int(losses.argmax()) if losses is not None else None
-        scored = [best] if cfg.sparsity == "layer" else layers
-        masks = neuron_masks(neuron_scores(lm, point.context_ids, point.target, scored), cfg.sparsity, cfg.sparsity_ratio, best)
-        return sorted(masks), masks
-
-    # -- token mode -------------------------------------------------------------------------------
-
-    def _fix_point(self, session: RepairSession, point: FailurePoint) -> bool:
-        """Up to `steps` sign steps on this failure; whether its argmax is the target at the end."""
-        cfg, arch = self.config, session.arch
-        s = semantic_steer(session.lm, point.target, point.predicted, cfg.steer)   # fixed for this failure
-        layers, masks = self._locate(session, point)
-        ids = torch.tensor([list(point.context_ids)])
-        target = torch.tensor(point.target)
-        for step in range(cfg.steps + 1):
-            session.check_cancel()
-            with session.trainable(layers) as params, record_activations(arch, layers) as acts:
-                logits = session.lm.model(input_ids=ids).logits[0, -1]
-                if int(logits.argmax()) == point.target:
-                    return True
-                if step == cfg.steps:
-                    return False
-                F.cross_entropy(logits, target).backward()
-                for layer, W in zip(layers, params):
-                    z = acts[layer][0, -1:].detach()                                # (1, d_ff)
-                    P = min_norm_prior(z, s[None], masks.get(layer))
-                    seme_step(arch.columns(layer), P, arch.as_columns(layer, W.grad), cfg.lr)
-
-    # -- batch mode -------------------------------------------------------------------------------
-
-    def _repair_batch(self, session: RepairSession) -> None:
-        cfg, lm, arch = self.config, session.lm, session.arch
-        first = next(session.failing_points(), None)
-        if first is None:
+            self._solve(session, self._batch_problem(session))
             return
-        layers, masks = self._locate(session, first)
-        inputs = [torch.tensor([list(enc.ids)]) for enc in session.cases]
-        spans = [slice(len(enc.prompt_ids) - 1, len(enc.ids) - 1) for enc in session.cases]   # predicting positions
-        targets = [torch.tensor(enc.target_ids) for enc in session.cases]
-        S = None
+        for point in session.failing_points():
+            problem = _Problem([torch.tensor([list(point.context_ids)])], [slice(len(point.context_ids) - 1, None)],
+                               torch.tensor([point.target]))
+            if not self._solve(session, problem) and self.config.give_up:
+                return
+
+    def tightened(self) -> "StarMethod | None":
+        """The same method with fewer neurons and stronger protection (for the driver's locality guard)."""
+        cfg = self.config
+        if cfg.sparsity != "contrast" or cfg.neurons < 8:
+            return None
+        return StarMethod(replace(cfg, neurons=cfg.neurons // 2, ridge=cfg.ridge / 10, keep_weight=cfg.keep_weight * 4,
+                                  protect="covariance" if cfg.protect == "none" else cfg.protect))
+
+    @staticmethod
+    def _batch_problem(session: RepairSession) -> _Problem:
+        return _Problem(
+            [torch.tensor([list(enc.ids)]) for enc in session.cases],
+            [slice(len(enc.prompt_ids) - 1, len(enc.ids) - 1) for enc in session.cases],
+            torch.cat([torch.tensor(enc.target_ids) for enc in session.cases]),
+        )
+
+    # -- one optimisation ---------------------------------------------------------------------------
+
+    def _forward(self, session: RepairSession, problem: _Problem, layers: list[int]) -> _Pass:
+        logits, rows = [], {l: [] for l in layers}
+        with record_activations(session.arch, layers) as acts:
+            for ids, span in zip(problem.inputs, problem.spans):
+                logits.append(session.lm.model(input_ids=ids).logits[0, span])
+                for l in layers:
+                    rows[l].append(acts[l][0, span].detach())
+        logits = torch.cat(logits)
+        return _Pass(F.cross_entropy(logits, problem.target), logits.argmax(-1).detach(),
+                     {l: torch.cat(r) for l, r in rows.items()}, _margin(logits.detach(), problem.target))
+
+    def _solve(self, session: RepairSession, problem: _Problem) -> bool:
+        """Steps on one problem until every target is the argmax (True) or the budget is spent (False)."""
+        cfg, arch = self.config, session.arch
+        layers = self._layers(session, problem)
+        with torch.no_grad():
+            first = self._forward(session, problem, layers)
+        if torch.equal(first.predicted, problem.target):
+            return True
+        steered = first.predicted != problem.target
+        S = torch.stack([semantic_steer(session.lm, int(t), int(a), cfg.steer) if s else torch.zeros(arch.d_model)
+                         for t, a, s in zip(problem.target, first.predicted, steered)])
+        neurons = self._neurons(session, problem, layers, first, steered)
+        layers = sorted(neurons)
+        metrics = self._metrics(session, neurons)
+        scale = cfg.lr
         for _ in range(cfg.steps):
             session.check_cancel()
-            with session.trainable(layers) as params, record_activations(arch, layers) as acts:
-                rows: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
-                logits = []
-                for ids, span in zip(inputs, spans):
-                    logits.append(lm.model(input_ids=ids).logits[0, span])
-                    for l in layers:
-                        rows[l].append(acts[l][0, span].detach())
-                predicted = torch.cat([lg.argmax(-1) for lg in logits])
-                target = torch.cat(targets)
-                if torch.equal(predicted, target):
-                    return
-                if S is None:   # the steers come from the predictions before any edit
-                    S = torch.stack([semantic_steer(lm, int(t), int(a), cfg.steer) for t, a in zip(target, predicted)])
-                F.cross_entropy(torch.cat(logits), target).backward()
-                for layer, W in zip(layers, params):
-                    P = min_norm_prior(torch.cat(rows[layer]), S, masks.get(layer))
-                    seme_step(arch.columns(layer), P, arch.as_columns(layer, W.grad), cfg.lr)
+            with session.trainable(layers) as params:
+                now = self._forward(session, problem, layers)
+                if torch.equal(now.predicted, problem.target):
+                    return True
+                now.loss.backward()
+                grads = {l: arch.as_columns(l, W.grad)[:, neurons[l]].clone() for l, W in zip(layers, params)}
+            steps = {}
+            for l in layers:
+                Z = now.rows[l][:, neurons[l]]
+                P = protected_prior(Z, S, metrics[l])
+                if cfg.direction == "prior":
+                    steps[l] = P
+                    continue
+                D = seme_direction(P, grads[l]) if cfg.direction == "seme" else -grads[l]
+                steps[l] = D if metrics[l].inverse is None else realise(D, Z, steered, metrics[l])
+            if cfg.step_rule == "minimal":
+                outcome = self._minimal_step(session, problem, layers, neurons, steps, float(now.loss.detach()))
+                if outcome is not False:
+                    return bool(outcome)
+                continue
+            scale = self._take_step(session, problem, layers, neurons, steps, scale, float(now.loss.detach()))
+            if scale is None:
+                return False
+        with torch.no_grad():
+            return torch.equal(self._forward(session, problem, []).predicted, problem.target)
+
+    def _take_step(self, session, problem, layers, neurons, steps, scale, loss) -> float | None:
+        """W += scale * step. Backtracking keeps it only if the loss drops (else halves the scale and
+        retries, restoring the columns exactly); returns the next scale, None when no scale helped."""
+        cfg, arch = self.config, session.arch
+        if cfg.step_rule == "fixed":
+            self._add(arch, layers, neurons, steps, scale)
+            return scale
+        saved = {l: arch.columns(l)[:, neurons[l]].clone() for l in layers}
+        for _ in range(cfg.backtracks + 1):
+            self._add(arch, layers, neurons, steps, scale)
+            with torch.no_grad():
+                if float(self._forward(session, problem, []).loss) < loss:
+                    return min(scale * 2, cfg.lr * _MAX_SCALE)
+            with torch.no_grad():
+                for l in layers:
+                    arch.columns(l)[:, neurons[l]] = saved[l]
+            scale /= 2
+        return None
+
+    @torch.no_grad()
+    def _minimal_step(self, session, problem, layers, neurons, steps, loss) -> bool | None:
+        """W = W0 + a * step with the smallest scale a that fixes every target with the margin (and lowers
+        the loss): True. No scale fixes: the scale with the lowest loss, if lower than now: False (step
+        taken, go on). Nothing lowers the loss: the columns restored exactly, None."""
+        cfg, arch = self.config, session.arch
+        saved = {l: arch.columns(l)[:, neurons[l]].clone() for l in layers}
+
+        def trial(scale: float) -> tuple[bool, float]:
+            for l in layers:
+                arch.columns(l)[:, neurons[l]] = saved[l] + scale * steps[l]
+            now = self._forward(session, problem, [])
+            return now.margin >= cfg.margin and float(now.loss) < loss, float(now.loss)
+
+        low, high, best = 0.0, None, (None, loss)
+        for unit in _SCALES:
+            fixed, trial_loss = trial(cfg.lr * unit)
+            if fixed:
+                high = cfg.lr * unit
+                break
+            low = cfg.lr * unit
+            if trial_loss < best[1]:
+                best = (low, trial_loss)
+        if high is not None:
+            for _ in range(cfg.bisections):
+                mid = (low + high) / 2
+                if trial(mid)[0]:
+                    high = mid
+                else:
+                    low = mid
+            trial(high)
+            return True
+        if best[0] is not None:
+            trial(best[0])
+            return False
+        for l in layers:
+            arch.columns(l)[:, neurons[l]] = saved[l]
+        return None
+
+    @staticmethod
+    @torch.no_grad()
+    def _add(arch, layers, neurons, steps, scale) -> None:
+        for l in layers:
+            arch.columns(l)[:, neurons[l]] += scale * steps[l]
+
+    # -- locating -----------------------------------------------------------------------------------
+
+    def _layers(self, session: RepairSession, problem: _Problem) -> list[int]:
+        cfg = self.config
+        if cfg.layer_ratio >= 1.0 and cfg.sparsity != "layer":
+            return list(range(session.arch.n_layers))
+        ids, span = problem.inputs[0], problem.spans[0]
+        context = ids[0, : span.start + 1].tolist()
+        losses = ffn_skip_losses(session.lm, context, int(problem.target[0]))
+        self._skip_losses = losses
+        if cfg.sparsity == "layer":
+            return [int(losses.argmax())]
+        return top_layers(losses, cfg.layer_ratio)
+
+    def _neurons(self, session, problem, layers, first: _Pass, steered) -> dict[int, torch.Tensor]:
+        cfg, d_ff = self.config, session.arch.d_ff
+        if cfg.sparsity == "none":
+            return {l: torch.arange(d_ff) for l in layers}
+        if cfg.sparsity == "contrast":
+            stat = corpus_statistic(session.lm)
+            active = {l: first.rows[l][steered] for l in layers}
+            return contrast_neurons(active, {l: stat.diag(l) for l in layers}, cfg.neurons)
+        ids, span = problem.inputs[0], problem.spans[0]
+        first_wrong = int(steered.nonzero()[0])
+        context = ids[0, : span.start + first_wrong + 1].tolist()
+        scores = neuron_scores(session.lm, context, int(problem.target[first_wrong]), layers)
+        best = layers[0] if cfg.sparsity == "layer" else None
+        masks = neuron_masks(scores, cfg.sparsity, cfg.sparsity_ratio, best)
+        return {l: m.nonzero().flatten() for l, m in masks.items() if bool(m.any())}
+
+    def _metrics(self, session: RepairSession, neurons: dict[int, torch.Tensor]) -> dict[int, Metric]:
+        cfg = self.config
+        if cfg.protect == "none":
+            return {l: Metric(None) for l in neurons}
+        stat = corpus_statistic(session.lm)
+        keep = self._keep_rows(session, sorted(neurons)) if cfg.keep_weight > 0 else {}
+        return {
+            l: protected_metric(stat.second_moment[l][idx][:, idx], cfg.protect, ridge=cfg.ridge,
+                                threshold=cfg.nullspace_threshold,
+                                keep=keep[l][:, idx] if l in keep else None, keep_weight=cfg.keep_weight)
+            for l, idx in neurons.items()
+        }
+
+    @staticmethod
+    @torch.no_grad()
+    def _keep_rows(session: RepairSession, layers: list[int]) -> dict[int, torch.Tensor]:
+        """Activations at every predicting position of every earlier fix (the stack's stored cases)."""
+        if not session.protect:
+            return {}
+        rows = {l: [] for l in layers}
+        with record_activations(session.arch, layers) as acts:
+            for enc in session.protect:
+                session.lm.model(input_ids=torch.tensor([list(enc.ids)]))
+                span = slice(len(enc.prompt_ids) - 1, len(enc.ids) - 1)
+                for l in layers:
+                    rows[l].append(acts[l][0, span])
+        return {l: torch.cat(r) for l, r in rows.items()}

@@ -1,16 +1,29 @@
-"""STAR's math, in the paper's symbols.
+"""STAR's math, in the paper's symbols, with the protected prior.
 
-    Z_l  (N x d_ff)  neuron activations at the N predicting positions of layer l
-    S    (N x d)     semantic steers, one row per position (zero where the prediction is right)
-    P_l  (d x d_ff)  the prior: the minimum-norm dW with Z_l dW = S, in the weight's column layout
-    G_l  (d x d_ff)  the loss gradient of W_l
+    Z_l  (N x k)     neuron activations at the N predicting positions of layer l, over its k patchable neurons
+    S    (N x d)     semantic steers, one row per position (zero where the prediction is right: keep rows)
+    C_l  (k x k)     second moment of those neurons' activations on normal code (star_engine.protect)
+    Q_l  (k x k)     the metric a change is measured in: I (the paper), C_l + λI (covariance), or the
+                     projector onto the directions the corpus does not use (null space)
+    P_l  (d x k)     the prior: argmin tr(ΔW Q ΔWᵀ) subject to Z ΔWᵀ = S, i.e. ΔWᵀ = Q⁻¹Zᵀ(Z Q⁻¹ Zᵀ)⁺ S
+                     (Q = I gives the paper's minimum-norm Zᵀ(ZZᵀ)⁺S)
+    G_l  (d x k)     the loss gradient of W_l
 
-    W_l <- W_l + eta * |P_l| * (-sign G_l)          (the prior sets the size, the gradient the sign)
+    D_l = |P_l| * (-sign G_l)                      (the prior sets the size, the gradient the sign)
+
+The elementwise sign scrambles the prior's protection, so with a protected metric the step is realised
+again: the change with the smallest Q-norm that has the same effect as D_l at the steered positions and
+none at the keep rows. W_l <- W_l + eta * that.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
+
+Protect = Literal["none", "covariance", "nullspace"]
 
 
 def min_norm_prior(Z: torch.Tensor, S: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -23,6 +36,64 @@ def min_norm_prior(Z: torch.Tensor, S: torch.Tensor, mask: torch.Tensor | None =
     P = torch.zeros(S.shape[1], d_ff, dtype=S.dtype)
     P[:, mask] = dW.T
     return P
+
+
+@dataclass
+class Metric:
+    """Q⁻¹ over one layer's patchable neurons (None: the identity, the paper's plain minimum norm)."""
+
+    inverse: torch.Tensor | None
+
+    def apply(self, X: torch.Tensor) -> torch.Tensor:
+        """Q⁻¹ X for X (k, n)."""
+        return X if self.inverse is None else self.inverse @ X
+
+
+def protected_metric(C: torch.Tensor | None, kind: Protect, *, ridge: float, threshold: float,
+                     keep: torch.Tensor | None = None, keep_weight: float = 1.0) -> Metric:
+    """The metric Q⁻¹ for one layer. C (k, k): the corpus second moment over the patchable neurons; keep
+    (n, k): activations of earlier fixes, protected like the corpus with `keep_weight` times its weight.
+
+    covariance: Q = C + keep_weight * KᵀK/n + ridge * mean(diag C) * I  (MEMIT's weighting)
+    nullspace:  Q⁻¹ = Π + ridge * I, Π the projector onto the eigenvectors of C + keep_weight * KᵀK/n whose
+                eigenvalue is below threshold * the largest (AlphaEdit's null space; ridge keeps a step
+                possible when a few neurons have no null space)
+    """
+    if kind == "none" or C is None:
+        return Metric(None)
+    M = C.double()
+    if keep is not None and len(keep):
+        K = keep.double()
+        M = M + keep_weight * (K.T @ K) / len(K)
+    eye = torch.eye(M.shape[0], dtype=M.dtype)
+    if kind == "covariance":
+        scale = float(M.diagonal().mean()) or 1.0
+        return Metric(torch.linalg.inv(M + ridge * scale * eye).float())
+    if kind == "nullspace":
+        values, vectors = torch.linalg.eigh(M)
+        null = vectors[:, values < threshold * values.max().clamp_min(1e-30)]
+        return Metric((null @ null.T + ridge * eye).float())
+    raise ValueError(f"unknown protection {kind!r}")
+
+
+def protected_prior(Z: torch.Tensor, S: torch.Tensor, metric: Metric) -> torch.Tensor:
+    """P (d, k) = (Q⁻¹Zᵀ (Z Q⁻¹ Zᵀ)⁺ S)ᵀ: meets Z ΔWᵀ = S (least squares when it cannot) with the least
+    change on what Q protects."""
+    QZt = metric.apply(Z.T)                                           # (k, N)
+    return (QZt @ torch.linalg.pinv(Z @ QZt, hermitian=True) @ S).T
+
+
+def realise(D: torch.Tensor, Z: torch.Tensor, steered: torch.Tensor, metric: Metric) -> torch.Tensor:
+    """The change with the least Q-norm whose effect at the steered rows of Z is D's and at the other
+    (keep) rows is zero."""
+    effect = Z @ D.T                                                  # (N, d)
+    effect[~steered] = 0
+    return protected_prior(Z, effect, metric)
+
+
+def seme_direction(P: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """|P| * (-sign G)."""
+    return P.abs().mul_(torch.sign(G)).neg_()
 
 
 @torch.no_grad()

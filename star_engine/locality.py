@@ -1,0 +1,72 @@
+"""Locality: how much of the model's behaviour on unrelated code a patch moved.
+
+    unchanged  = share of corpus positions whose teacher-forced next-token argmax is the same as before
+    mean_dnll  = mean |NLL_after - NLL_before| of the corpus's own next tokens, in nats per token
+
+The repair's guard measures it on a small sample of the "stat" corpus half (what the solve protects); the
+benchmark measures it on the "held" half, which no part of the repair ever sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .corpus import CorpusSpec, corpus_windows
+from .guard import GuardConfig, guard_for  # noqa: F401 - re-exported
+from .model import LoadedModel
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """The model's next-token argmax and NLL at every position of some windows."""
+
+    argmax: torch.Tensor   # (positions,)
+    nll: torch.Tensor      # (positions,)
+
+
+@torch.no_grad()
+def behaviour(lm: LoadedModel, windows: list[tuple[int, ...]], batch: int = 4) -> Behaviour:
+    argmax, nll = [], []
+    for b in range(0, len(windows), batch):
+        ids = torch.tensor(windows[b : b + batch])
+        logits = lm.model(input_ids=ids).logits[:, :-1].float()
+        argmax.append(logits.argmax(-1).flatten())
+        nll.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none"))
+    if not argmax:
+        return Behaviour(torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    return Behaviour(torch.cat(argmax), torch.cat(nll))
+
+
+@dataclass(frozen=True)
+class Locality:
+    unchanged: float
+    mean_dnll: float
+
+    @property
+    def moved(self) -> float:
+        return 1.0 - self.unchanged
+
+
+def compare(before: Behaviour, after: Behaviour) -> Locality:
+    if not len(before.argmax):
+        return Locality(1.0, 0.0)
+    return Locality(float((before.argmax == after.argmax).float().mean()), float((after.nll - before.nll).abs().mean()))
+
+
+def guard_windows(lm: LoadedModel, guard: GuardConfig) -> list[tuple[int, ...]]:
+    key = ("guard_windows", guard.tokens)
+    if key not in lm.cache:
+        lm.cache[key] = corpus_windows(lm, CorpusSpec(split="stat", n_tokens=guard.tokens))
+    return lm.cache[key]
+
+
+HELD_CORPUS = CorpusSpec(split="held", n_tokens=5120)   # 20 windows of 256: the benchmark's unrelated code
+
+
+def held_windows(lm: LoadedModel, spec: CorpusSpec = HELD_CORPUS) -> list[tuple[int, ...]]:
+    key = ("held_windows", spec)
+    if key not in lm.cache:
+        lm.cache[key] = corpus_windows(lm, spec)
+    return lm.cache[key]

@@ -1,0 +1,97 @@
+"""Local, composable patches on the real default model (SmolLM2-135M).
+
+Real CoNaLa-dev failures of the model are fixed one after another through a real PatchStack, as the server
+does (each repair protects the stack's stored cases; the stack re-verifies earlier fixes before keeping a
+new one). At the end every kept fix is still written, the decisive completions of twenty unrelated prompts
+(tests/controls.py) are unchanged, and each patch is a small sparse adapter that vanilla `peft` reloads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from controls import CONTROLS
+from star_engine.adapters import AdapterError, PatchStack
+from star_engine.adapters.format import WEIGHTS_NAME
+from star_engine.bench.data import build, load_records
+from star_engine.capture import encode
+from star_engine.generate import complete
+from star_engine.patch import WeightSnapshot
+
+pytestmark = pytest.mark.slow
+
+CONALA_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "conala" / "dev.jsonl"
+N_FIXES = 8
+
+
+@pytest.fixture(scope="module")
+def sequence(default_lm, tmp_path_factory):
+    """N_FIXES real failures repaired in a row through one stack; the model is restored afterwards."""
+    from star_engine.repair import repair
+
+    lm = default_lm
+    controls_before = {p: complete(lm, p, max_new_tokens=16) for p in CONTROLS}
+    data = build(lm, load_records(CONALA_DEV), kind="python", limit=N_FIXES, seed=0, n_controls=0,
+                 max_target_tokens=24)
+    snapshot = WeightSnapshot(lm.arch)
+    stack = PatchStack(lm, tmp_path_factory.mktemp("local") / "adapters")
+    stack.load()
+    kept, refused, unfixed = [], [], []
+    try:
+        for bc in data.cases:
+            result = repair(lm, [bc.case], protect=stack.cases())
+            if not result.fixed:
+                unfixed.append((bc.case.fix, result.reason))
+                continue
+            try:
+                kept.append((bc.case, stack.add(result), result))
+            except AdapterError as e:
+                refused.append((bc.case.fix, str(e)))
+        yield dict(lm=lm, stack=stack, kept=kept, refused=refused, unfixed=unfixed, n=len(data.cases),
+                   controls_before=controls_before)
+    finally:
+        snapshot.restore()
+
+
+def test_fixes_in_a_row_are_kept_and_all_still_hold(sequence):
+    lm, kept = sequence["lm"], sequence["kept"]
+    print(f"\n{len(kept)}/{sequence['n']} kept, refused {sequence['refused']}, not fixed {sequence['unfixed']}")
+    assert sequence["n"] == N_FIXES
+    assert len(kept) >= N_FIXES - 2
+    assert not sequence["refused"]
+    for case, _, _ in kept:
+        assert complete(lm, case.prompt, max_new_tokens=48) == case.fix.split("\n")[0]
+
+
+def test_unrelated_completions_are_unchanged_after_all_the_fixes(sequence):
+    lm, before = sequence["lm"], sequence["controls_before"]
+    after = {p: complete(lm, p, max_new_tokens=16) for p in CONTROLS}
+    assert {p: a for p, a in after.items() if a != before[p]} == {}
+
+
+def test_each_patch_is_sparse_and_small(sequence):
+    lm = sequence["lm"]
+    for _, info, result in sequence["kept"]:
+        assert result.neurons <= 460                    # 1 % of the FFN neurons at most
+        assert (Path(info.path) / WEIGHTS_NAME).stat().st_size < 2**20
+        untouched = lm.arch.d_ff * lm.arch.n_layers - result.neurons
+        assert untouched > 0.99 * lm.arch.d_ff * lm.arch.n_layers
+
+
+def test_vanilla_peft_reloads_a_small_patch_and_writes_its_fix(sequence):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lm = sequence["lm"]
+    case, info, _ = sequence["kept"][0]
+    base = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32)
+    assert complete(SimpleNamespace(model=base, tokenizer=lm.tokenizer), case.prompt) != case.fix
+    pm = PeftModel.from_pretrained(base, str(info.path)).eval()
+    reloaded = SimpleNamespace(model=pm, tokenizer=lm.tokenizer)
+    assert complete(reloaded, case.prompt, max_new_tokens=48) == case.fix.split("\n")[0]
+    ids = torch.tensor([encode(lm, case.prompt + case.fix + "\n")])
+    assert pm(input_ids=ids).logits.isfinite().all()

@@ -1,0 +1,197 @@
+"""The protected solve on tiny random models and synthetic matrices: the prior meets its steer rows, leaves a
+protected set alone, only the chosen columns move, backtracking never accepts a worse loss, the corpus
+statistic is cached and never trusted when broken."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from star_engine.case import RepairCase
+from star_engine.corpus import CorpusSpec, corpus_files
+from star_engine.locate import contrast_neurons
+from star_engine.methods.star.solver import Metric, protected_metric, protected_prior, realise, seme_direction
+from star_engine.protect import STAT_CORPUS, corpus_statistic, statistic_path
+from star_engine.repair import repair, undo
+from star_engine.patch import WeightSnapshot
+
+SMALL_STAT = CorpusSpec(split="stat", n_tokens=2048, window=64)
+
+
+def _spd(k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(4 * k, k, generator=g)
+    return X.T @ X / (4 * k)
+
+
+@pytest.mark.parametrize("kind", ["none", "covariance", "nullspace"])
+def test_the_prior_meets_every_steer_row_exactly(kind):
+    g = torch.Generator().manual_seed(1)
+    k, d, n = 48, 16, 5
+    Z, S = torch.randn(n, k, generator=g), torch.randn(n, d, generator=g)
+    C = _spd(k, 2)
+    C[:, :8] *= 1e-4     # a few directions the corpus hardly uses, so the null space is not empty
+    C[:8, :] *= 1e-4
+    metric = protected_metric(C, kind, ridge=1e-2, threshold=2e-2)
+    P = protected_prior(Z, S, metric)
+    assert P.shape == (d, k)
+    torch.testing.assert_close(Z @ P.T, S, atol=1e-4, rtol=1e-4)
+
+
+def test_the_covariance_prior_moves_the_corpus_less_than_the_plain_one():
+    g = torch.Generator().manual_seed(3)
+    k, d = 64, 8
+    corpus = torch.randn(2000, k, generator=g) * torch.linspace(0.05, 3.0, k)   # uneven neuron activity
+    C = corpus.T @ corpus / len(corpus)
+    Z, S = torch.randn(3, k, generator=g), torch.randn(3, d, generator=g)
+    plain = protected_prior(Z, S, Metric(None))
+    weighted = protected_prior(Z, S, protected_metric(C, "covariance", ridge=1e-3, threshold=0.0))
+    change = lambda P: float((corpus @ P.T).pow(2).mean())
+    assert change(weighted) < 0.5 * change(plain)
+
+
+def test_keep_rows_are_left_exactly_where_they_were():
+    """A protected set K (zero-steer rows) gets no change at all, whatever the metric."""
+    g = torch.Generator().manual_seed(4)
+    k, d = 40, 12
+    steer_rows, keep_rows = torch.randn(3, k, generator=g), torch.randn(6, k, generator=g)
+    Z = torch.cat([steer_rows, keep_rows])
+    S = torch.cat([torch.randn(3, d, generator=g), torch.zeros(6, d)])
+    metric = protected_metric(_spd(k, 5), "covariance", ridge=1e-2, threshold=0.0)
+    P = protected_prior(Z, S, metric)
+    torch.testing.assert_close(keep_rows @ P.T, torch.zeros(6, d), atol=1e-5, rtol=0)
+    # The sign step scrambles that; realising it again restores it, with the same effect on the steer rows.
+    D = seme_direction(P, torch.randn(d, k, generator=g))
+    steered = torch.tensor([True] * 3 + [False] * 6)
+    R = realise(D, Z, steered, metric)
+    torch.testing.assert_close(keep_rows @ R.T, torch.zeros(6, d), atol=1e-5, rtol=0)
+    torch.testing.assert_close(steer_rows @ R.T, steer_rows @ D.T, atol=1e-4, rtol=1e-4)
+
+
+def test_earlier_fixes_in_the_statistic_are_moved_less():
+    g = torch.Generator().manual_seed(6)
+    k, d = 32, 8
+    C = _spd(k, 7)
+    earlier = torch.randn(10, k, generator=g)
+    Z, S = torch.randn(2, k, generator=g), torch.randn(2, d, generator=g)
+    without = protected_prior(Z, S, protected_metric(C, "covariance", ridge=1e-2, threshold=0.0))
+    with_keep = protected_prior(Z, S, protected_metric(C, "covariance", ridge=1e-2, threshold=0.0,
+                                                        keep=earlier, keep_weight=10.0))
+    moved = lambda P: float((earlier @ P.T).norm())
+    assert moved(with_keep) < 0.5 * moved(without)
+
+
+def test_contrast_neurons_prefer_active_and_corpus_quiet_ones():
+    active = {0: torch.tensor([[5.0, 5.0, 0.1, 1.0]]), 1: torch.tensor([[1.0, 0.0, 0.0, 3.0]])}
+    power = {0: torch.tensor([100.0, 1.0, 1.0, 1.0]), 1: torch.tensor([1.0, 1.0, 1.0, 0.01])}
+    chosen = contrast_neurons(active, power, 2)
+    assert {l: v.tolist() for l, v in chosen.items()} == {0: [1], 1: [3]}
+
+
+# -- on tiny random models ---------------------------------------------------------------------------------
+
+PLANTED = RepairCase("def add(a, b):\n    return", " a + b")
+TINY = {"neurons": "24", "steps": "40", "lr": "0.05"}
+
+
+@pytest.fixture
+def small_stat(monkeypatch, tmp_path):
+    """A small corpus statistic (fast on tiny models), cached under a temporary star cache."""
+    monkeypatch.setenv("STAR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("star_engine.protect._default_spec", lambda lm: SMALL_STAT)
+    return tmp_path
+
+
+def test_the_corpus_halves_are_disjoint_and_deterministic(tokenizer):
+    stat, held = set(corpus_files("stat")), set(corpus_files("held"))
+    assert stat and held and not stat & held
+    assert any(p.suffix == ".h" for p in stat) and any(p.suffix == ".py" for p in stat)
+    assert STAT_CORPUS.n_tokens >= 100_000
+
+
+def test_a_sparse_repair_changes_only_its_chosen_columns(tiny_llama, small_stat):
+    snapshot = WeightSnapshot(tiny_llama.arch)
+    result = repair(tiny_llama, [PLANTED], "star", TINY, guard=None)
+    assert result.fixed, result.reason
+    assert 0 < result.neurons <= 24
+    for layer in range(tiny_llama.arch.n_layers):
+        before, after = snapshot.original[layer], tiny_llama.arch.columns(layer)
+        changed = (before != after).any(dim=0).nonzero().flatten().tolist()
+        expected = result.patch.layers[layer].columns.tolist() if layer in result.patch.layers else []
+        assert changed == expected
+    undo(tiny_llama, result)
+    for layer in range(tiny_llama.arch.n_layers):
+        assert torch.equal(snapshot.original[layer], tiny_llama.arch.columns(layer))
+
+
+def test_the_same_repair_twice_gives_the_same_patch(tiny_llama, small_stat):
+    first = repair(tiny_llama, [PLANTED], "star", TINY, guard=None)
+    undo(tiny_llama, first)
+    second = repair(tiny_llama, [PLANTED], "star", TINY, guard=None)
+    undo(tiny_llama, second)
+    assert first.fixed and second.fixed
+    assert first.patch.layer_ids == second.patch.layer_ids
+    for l in first.patch.layer_ids:
+        assert torch.equal(first.patch.layers[l].delta, second.patch.layers[l].delta)
+
+
+@pytest.mark.parametrize("rule, hook", [("backtrack", "_take_step"), ("minimal", "_minimal_step")])
+def test_the_step_rules_never_accept_a_step_that_raises_the_loss(tiny_llama, small_stat, monkeypatch, rule, hook):
+    from star_engine.methods.star import method as star_method
+
+    losses = []
+    original = getattr(star_method.StarMethod, hook)
+
+    def recording(self, session, problem, layers, neurons, steps, *rest):
+        loss = rest[-1]
+        out = original(self, session, problem, layers, neurons, steps, *rest)
+        with torch.no_grad():
+            after = float(self._forward(session, problem, []).loss)
+        losses.append((loss, after, out is None))
+        return out
+
+    monkeypatch.setattr(star_method.StarMethod, hook, recording)
+    result = repair(tiny_llama, [PLANTED], "star", TINY | {"lr": "5.0", "step_rule": rule}, guard=None)   # far too big
+    assert losses
+    for before, after, gave_up in losses:
+        assert after == pytest.approx(before, rel=1e-6) if gave_up else after < before
+    if result.fixed:
+        undo(tiny_llama, result)
+
+
+def test_a_broken_or_foreign_statistic_cache_is_rebuilt(tiny_llama, small_stat):
+    stat = corpus_statistic(tiny_llama, progress=False)
+    path = statistic_path(tiny_llama)
+    assert path.is_file()
+    good = path.read_bytes()
+
+    def valid_again() -> bool:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            return meta["model_fingerprint"] != "someone-else" and torch.equal(
+                f.get_tensor("layer.0").float(), stat.second_moment[0])
+
+    def reload():
+        tiny_llama.cache.clear()
+        return corpus_statistic(tiny_llama, progress=False)
+
+    path.write_bytes(good[: len(good) // 2])                      # truncated
+    rebuilt = reload()
+    assert valid_again()
+    torch.testing.assert_close(rebuilt.second_moment[0], stat.second_moment[0])
+
+    from safetensors.torch import load_file, save_file
+    path.write_bytes(good)
+    tensors = load_file(str(path))
+    save_file(tensors, str(path), metadata={"model_fingerprint": "someone-else"})   # foreign
+    reload()
+    assert valid_again()
+
+
+def test_the_statistic_is_a_second_moment(tiny_llama, small_stat):
+    stat = corpus_statistic(tiny_llama, progress=False)
+    C = stat.second_moment[1]
+    assert C.shape == (tiny_llama.arch.d_ff,) * 2
+    torch.testing.assert_close(C, C.T)
+    assert float(torch.linalg.eigvalsh(C.double()).min()) > -1e-3 * float(C.diagonal().max())
