@@ -108,17 +108,25 @@ def cmd_repair(args) -> int:
     if args.json:
         print(json.dumps(result.to_json() | {"adapter": saved}))
     else:
-        _print_result(result, saved)
+        _print_result(lm, result, saved)
     return 0 if result.fixed else 1
 
 
-def _print_result(result, saved: str | None) -> None:
+def _print_result(lm, result, saved: str | None) -> None:
+    from .adapters.format import WEIGHTS_NAME, encode_result
+
     print(f"before: {result.before!r}")
     print(f"after:  {result.after!r}")
     status = "fixed" if result.fixed else "NOT fixed"
     print(f"{status} by {result.method} in {result.seconds:.1f} s: {result.reason}")
     if result.fixed:
-        print(f"patched {result.neurons} neuron(s) in {_layer_span(result.layers)}")
+        total = lm.arch.n_layers * lm.arch.d_ff
+        size = len(encode_result(lm, result).files[WEIGHTS_NAME])
+        print(f"patched {result.neurons} of {total} neurons ({100 * result.neurons / total:.2f} %) in "
+              f"{_layer_span(result.layers)}; adapter {size / 1024:.0f} KiB")
+        if result.locality is not None:
+            print(f"unrelated code: {100 * result.locality.unchanged:.2f} % of the guard's next-token "
+                  f"predictions unchanged")
     if saved:
         print(f"adapter saved to {saved}")
 
@@ -145,7 +153,7 @@ def cmd_demo(args) -> int:
     print(f"the user's fix:   {case.fix!r}")
     print("repairing with STAR ...", flush=True)
     result = repair(lm, [case])
-    _print_result(result, None)
+    _print_result(lm, result, None)
     print(f"the model now writes: {complete(lm, case.prompt)!r}")
     undo(lm, result)
     print(f"after undo it writes: {complete(lm, case.prompt)!r}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 @dataclass
 class GuardConfig:
     budget: float = field(
-        default=0.02,
+        default=0.01,
         metadata={"help": "largest share of the guard's corpus positions whose next-token argmax a fix may change"},
     )
     tokens: int = field(default=1024, metadata={"help": "corpus positions the guard checks (stat half)"})

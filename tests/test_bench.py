@@ -52,7 +52,7 @@ def test_settings_and_variants():
     assert all(r.overrides["steps"] == "5" for r in rows if r.method == "star")
     with pytest.raises(ValueError):
         variants(["star"], {"star": {"nope": "1"}}, ablation=False)
-    picked = variants([], {}, ablation="dense,layer 1/16")
+    picked = variants([], {}, ablation="token,layer 1/16")
     assert [r.label for r in picked] == ["star[all layers, dense, token]", "star[layer 1/16]"]
 
 

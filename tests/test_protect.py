@@ -91,7 +91,8 @@ def test_contrast_neurons_prefer_active_and_corpus_quiet_ones():
 # -- on tiny random models ---------------------------------------------------------------------------------
 
 PLANTED = RepairCase("def add(a, b):\n    return", " a + b")
-TINY = {"neurons": "24", "steps": "40", "lr": "0.05"}
+TINY = {"sparsity": "contrast", "neurons": "24", "steps": "40", "lr": "0.05", "step_rule": "minimal",
+        "direction": "gradient"}
 
 
 @pytest.fixture

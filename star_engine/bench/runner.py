@@ -32,7 +32,9 @@ class Variant:
 
 # The STAR ablation grid (star_method.md §2): layer selection, neuron sparsity, token vs batch mode.
 # Every entry spells out the settings it ablates, so the grid does not move when the defaults do.
-_DENSE = {"mode": "token", "layer_ratio": "1.0", "sparsity": "none"}
+_PAPER_STEP = {"protect": "none", "direction": "seme", "step_rule": "fixed"}
+_DENSE = {"mode": "token", "layer_ratio": "1.0", "sparsity": "none"} | _PAPER_STEP
+_LOCAL = {"mode": "batch", "layer_ratio": "1.0", "step_rule": "minimal"}
 ABLATION: list[tuple[str, dict]] = [
     ("star[all layers, dense, token]", _DENSE),
     ("star[top 1/4 layers]", _DENSE | {"layer_ratio": "0.25"}),
@@ -46,6 +48,14 @@ ABLATION: list[tuple[str, dict]] = [
     ("star[layer 1/64]", _DENSE | {"sparsity": "layer", "sparsity_ratio": "0.015625"}),
     ("star[layer 1/256]", _DENSE | {"sparsity": "layer", "sparsity_ratio": "0.00390625"}),
     ("star[batch]", _DENSE | {"mode": "batch"}),
+    # The local-patch settings (issue 11): metric, neuron selection, step direction, under the minimal step.
+    ("star[local: dense, plain prior]", _LOCAL | {"sparsity": "none", "protect": "none", "direction": "seme"}),
+    ("star[local: dense, covariance, seme]", _LOCAL | {"sparsity": "none", "protect": "covariance", "direction": "seme"}),
+    ("star[local: dense, covariance, gradient]", _LOCAL | {"sparsity": "none", "protect": "covariance", "direction": "gradient"}),
+    ("star[local: dense, nullspace, gradient]", _LOCAL | {"sparsity": "none", "protect": "nullspace", "direction": "gradient"}),
+    ("star[local: contrast 128, covariance, seme]", _LOCAL | {"sparsity": "contrast", "neurons": "128", "protect": "covariance", "direction": "seme"}),
+    ("star[local: contrast 128, covariance, gradient]", _LOCAL | {"sparsity": "contrast", "neurons": "128", "protect": "covariance", "direction": "gradient"}),
+    ("star[local: contrast 512, covariance, gradient]", _LOCAL | {"sparsity": "contrast", "neurons": "512", "protect": "covariance", "direction": "gradient"}),
 ]
 
 

@@ -11,17 +11,17 @@ class StarConfig:
         metadata={"help": "token: one optimisation per failing token, in order; batch: one joint "
                           "optimisation over every target token of every case (rows stacked)"},
     )
-    steps: int = field(default=20, metadata={"help": "accepted optimiser steps per repair at most (stops early when fixed)"})
+    steps: int = field(default=10, metadata={"help": "accepted optimiser steps per repair at most (stops early when fixed)"})
     lr: float = field(default=1e-2, metadata={"help": "eta, the first step scale: the step is eta * D"})
-    step_rule: Literal["minimal", "backtrack", "fixed"] = field(
-        default="minimal",
+    step_rule: Literal["fixed", "minimal", "backtrack"] = field(
+        default="fixed",
         metadata={"help": "minimal: along each step, the smallest scale that fixes every target (doubling from "
                           "lr/16, then bisection), else the scale with the lowest loss; backtrack: a step is kept "
                           "only if it lowers the loss, else its scale is halved and retried; fixed: the paper's "
                           "constant eta (can overshoot). No rule but fixed ever accepts a higher loss"},
     )
     direction: Literal["seme", "gradient", "prior"] = field(
-        default="gradient",
+        default="seme",
         metadata={"help": "seme: the paper's |P| * -sign(G); gradient: -G; prior: the protected prior itself. "
                           "With a protected metric, seme and gradient are realised again: the least change on "
                           "normal code with the same effect at the failing positions (none at the right ones)"},
@@ -38,7 +38,7 @@ class StarConfig:
         metadata={"help": "fraction of layers to patch, ranked by FFN-skip loss (1.0 = all layers, no ranking)"},
     )
     sparsity: Literal["none", "contrast", "global", "layer"] = field(
-        default="contrast",
+        default="none",
         metadata={"help": "which neurons may change: none (all), contrast (the `neurons` most active at the "
                           "failure relative to the corpus, over all layers), global / layer (grad x activation "
                           "masks of the paper, `sparsity_ratio` of them)"},
@@ -57,6 +57,13 @@ class StarConfig:
         default=1.0,
         metadata={"help": "weight of the earlier fixes' activations in the protected statistic, relative to the "
                           "whole corpus (0 = earlier fixes are not protected)"},
+    )
+    keep_rows: int = field(
+        default=0,
+        metadata={"help": "batch mode: target tokens of the most recent earlier fixes that join the problem as keep "
+                          "rows (their change is held at zero exactly); older ones are protected only through "
+                          "the statistic (keep_weight). 0 by default: 256 left no fix refused by the stack but "
+                          "made 5 of 8 fixes in a row too big for the locality guard (docs/ablation.md)"},
     )
     give_up: bool = field(
         default=True,

@@ -65,17 +65,26 @@ class StarMethod(RepairMethod):
     def tightened(self) -> "StarMethod | None":
         """The same method with fewer neurons and stronger protection (for the driver's locality guard)."""
         cfg = self.config
-        if cfg.sparsity != "contrast" or cfg.neurons < 8:
+        if cfg.sparsity == "contrast" and cfg.neurons < 8:
             return None
-        return StarMethod(replace(cfg, neurons=cfg.neurons // 2, ridge=cfg.ridge / 10, keep_weight=cfg.keep_weight * 4,
+        neurons = cfg.neurons // 2 if cfg.sparsity == "contrast" else cfg.neurons
+        return StarMethod(replace(cfg, neurons=neurons, ridge=cfg.ridge / 10, keep_weight=cfg.keep_weight * 4,
                                   protect="covariance" if cfg.protect == "none" else cfg.protect))
 
-    @staticmethod
-    def _batch_problem(session: RepairSession) -> _Problem:
+    def _batch_problem(self, session: RepairSession) -> _Problem:
+        """Every target token of every case; and, as keep rows (right now, so zero steer: the step may not
+        move them), the target tokens of the most recent earlier fixes, up to `keep_rows` tokens."""
+        encoded = list(session.cases)
+        budget = self.config.keep_rows if self.config.keep_weight > 0 else 0
+        for enc in reversed(session.protect):
+            if len(enc.target_ids) > budget:
+                break
+            encoded.append(enc)
+            budget -= len(enc.target_ids)
         return _Problem(
-            [torch.tensor([list(enc.ids)]) for enc in session.cases],
-            [slice(len(enc.prompt_ids) - 1, len(enc.ids) - 1) for enc in session.cases],
-            torch.cat([torch.tensor(enc.target_ids) for enc in session.cases]),
+            [torch.tensor([list(enc.ids)]) for enc in encoded],
+            [slice(len(enc.prompt_ids) - 1, len(enc.ids) - 1) for enc in encoded],
+            torch.cat([torch.tensor(enc.target_ids) for enc in encoded]),
         )
 
     # -- one optimisation ---------------------------------------------------------------------------
@@ -106,8 +115,9 @@ class StarMethod(RepairMethod):
         layers = sorted(neurons)
         metrics = self._metrics(session, neurons)
         scale = cfg.lr
-        for _ in range(cfg.steps):
+        for step in range(cfg.steps):
             session.check_cancel()
+            session.report(f"step {step + 1}/{cfg.steps}: {int(steered.sum())} token(s) to fix", step / cfg.steps)
             with session.trainable(layers) as params:
                 now = self._forward(session, problem, layers)
                 if torch.equal(now.predicted, problem.target):
