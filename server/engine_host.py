@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from star_engine.case import RepairCase
-from star_engine.locality import GuardConfig, guard_for
+from star_engine.guard import GuardConfig, guard_for
 from star_engine.model import LoadedModel, load_model
 from star_engine.repair import RepairResult, repair, undo
 from star_engine.session import RepairCancelled

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .corpus import CorpusSpec, corpus_windows
-from .guard import GuardConfig, guard_for  # noqa: F401 - re-exported
+from .guard import GuardConfig
 from .model import LoadedModel
 
 
@@ -55,18 +55,20 @@ def compare(before: Behaviour, after: Behaviour) -> Locality:
     return Locality(float((before.argmax == after.argmax).float().mean()), float((after.nll - before.nll).abs().mean()))
 
 
-def guard_windows(lm: LoadedModel, guard: GuardConfig) -> list[tuple[int, ...]]:
-    key = ("guard_windows", guard.tokens)
-    if key not in lm.cache:
-        lm.cache[key] = corpus_windows(lm, CorpusSpec(split="stat", n_tokens=guard.tokens))
-    return lm.cache[key]
-
-
 HELD_CORPUS = CorpusSpec(split="held", n_tokens=5120)   # 20 windows of 256: the benchmark's unrelated code
 
 
-def held_windows(lm: LoadedModel, spec: CorpusSpec = HELD_CORPUS) -> list[tuple[int, ...]]:
-    key = ("held_windows", spec)
+def windows(lm: LoadedModel, spec: CorpusSpec) -> list[tuple[int, ...]]:
+    """The corpus windows of `spec`, tokenised once per model."""
+    key = ("corpus_windows", spec)
     if key not in lm.cache:
         lm.cache[key] = corpus_windows(lm, spec)
     return lm.cache[key]
+
+
+def guard_windows(lm: LoadedModel, guard: GuardConfig) -> list[tuple[int, ...]]:
+    return windows(lm, CorpusSpec(split="stat", n_tokens=guard.tokens))
+
+
+def held_windows(lm: LoadedModel) -> list[tuple[int, ...]]:
+    return windows(lm, HELD_CORPUS)

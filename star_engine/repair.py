@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 from .capture import encode_case, teacher_forced_argmax, token_exact_match
 from .case import EncodedCase, RepairCase, RepairInputError
 from .generate import writes
-from .locality import GuardConfig, Locality, behaviour, compare, guard_windows
+from .guard import GuardConfig
+from .locality import Locality, behaviour, compare, guard_windows
 from .methods import get_method
 from .model import LoadedModel
 from .patch import Patch, SavedColumns, WeightSnapshot, restore_columns

@@ -54,7 +54,7 @@ def cmd_bench(args) -> int:
     from ..model import DEFAULT_MODEL, load_model
     from . import data as bench_data
     from .report import time_ratios, write
-    from ..locality import GuardConfig
+    from ..guard import GuardConfig
     from .runner import run_compose, run_independent, run_sequential, variants
 
     if args.threads:

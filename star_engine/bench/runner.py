@@ -12,7 +12,8 @@ from ..adapters.format import WEIGHTS_NAME, encode_result
 from ..capture import encode, target_text
 from ..case import RepairInputError
 from ..generate import writes
-from ..locality import GuardConfig, behaviour, compare, held_windows
+from ..guard import GuardConfig
+from ..locality import behaviour, compare, held_windows
 from ..methods import get_method
 from ..model import LoadedModel
 from ..patch import WeightSnapshot, apply_patch, restore_columns
@@ -162,7 +163,6 @@ def run_sequential(lm: LoadedModel, data: BenchData, variant: Variant, tick: Cal
     n = len(data.cases)
     return {
         "n_cases": n,
-        "n_fixed": len(kept),
         "kept": len(kept),
         "refused": refused,
         "unfixed": unfixed,

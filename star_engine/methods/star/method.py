@@ -217,7 +217,6 @@ class StarMethod(RepairMethod):
         ids, span = problem.inputs[0], problem.spans[0]
         context = ids[0, : span.start + 1].tolist()
         losses = ffn_skip_losses(session.lm, context, int(problem.target[0]))
-        self._skip_losses = losses
         if cfg.sparsity == "layer":
             return [int(losses.argmax())]
         return top_layers(losses, cfg.layer_ratio)
