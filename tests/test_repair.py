@@ -137,3 +137,10 @@ def test_unknown_method_and_settings_are_refused(tiny_llama):
         repair(tiny_llama, [PLANTED], "star", {"nope": "1"}, guard=None)
     with pytest.raises(ValueError, match="one of"):
         repair(tiny_llama, [PLANTED], "star", {"mode": "sideways"}, guard=None)
+
+
+def test_batch_mode_reports_how_many_failing_tokens_it_fixed(tiny_llama):
+    result = repair(tiny_llama, [PLANTED], "star", TINY_STEP | {"mode": "batch"}, guard=None)
+    assert result.fixed
+    n = int(result.reason.split()[1])
+    assert result.reason == f"fixed {n} failing token(s)" and n >= 1

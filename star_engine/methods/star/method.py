@@ -109,6 +109,8 @@ class StarMethod(RepairMethod):
         if torch.equal(first.predicted, problem.target):
             return True
         steered = first.predicted != problem.target
+        if cfg.mode == "batch":   # token mode's walk counts its failing tokens itself
+            session.failures_seen += int(steered.sum())
         S = torch.stack([semantic_steer(session.lm, int(t), int(a), cfg.steer) if s else torch.zeros(arch.d_model)
                          for t, a, s in zip(problem.target, first.predicted, steered)])
         neurons = self._neurons(session, problem, layers, first, steered)
