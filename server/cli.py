@@ -117,7 +117,7 @@ def serve_command(args) -> int:
 
     _logging(args)
     server = make_server(settings)
-    exit_code = 0
+    exit_code = 1
     try:
         if args.tcp:
             host, _, port = args.tcp.rpartition(":")
@@ -128,6 +128,8 @@ def serve_command(args) -> int:
             sys.stdout = sys.stderr
             server.start_io(sys.stdin.buffer, stdout)
         exit_code = 0 if getattr(server.protocol, "_shutdown", True) else 1
+    except Exception:
+        logging.getLogger(__name__).exception("the server stopped on an unexpected error")
     finally:
         server.stop_work()
         logging.shutdown()

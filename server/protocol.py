@@ -3,17 +3,24 @@
 needs the client's `workDoneToken`).
 
 pygls drops a request whose params do not match the LSP types without answering it (the client waits
-forever); here it gets an InvalidParams error. Messages that are not JSON-RPC objects are logged and
-ignored instead of raising inside the read loop."""
+forever); here it gets an InvalidParams error. A body that is not a JSON-RPC 2.0 message gets the error
+JSON-RPC prescribes instead of silence or a traceback: a parse error (-32700, id null) for bytes that are
+not UTF-8 JSON or are nested too deeply, an invalid request (-32600) for a batch, a non-object, a missing
+or wrong `jsonrpc`, an `id` that is neither a string, a number nor null, a `method` that is not a string.
+Replies carry the message's id where it has a valid one, else null; a client's response is never
+answered, only logged."""
 
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import threading
 
 from lsprotocol import types
-from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
+from pygls.exceptions import (
+    JsonRpcException, JsonRpcInvalidParams, JsonRpcInvalidRequest, JsonRpcParseError,
+)
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
 
@@ -48,6 +55,31 @@ class _Ignored:
     jsonrpc = "ignored"
 
 
+def _valid_id(msg_id) -> bool:
+    return msg_id is None or (isinstance(msg_id, (str, int, float)) and not isinstance(msg_id, bool))
+
+
+def request_problem(message) -> str | None:
+    """Why a decoded body is not a JSON-RPC 2.0 message pygls can handle (None: it is one)."""
+    if isinstance(message, list):
+        return "a batch (LSP has no batch messages)"
+    if not isinstance(message, dict):
+        return f"a JSON {type(message).__name__} is not a message"
+    if message.get("jsonrpc") != "2.0":
+        return 'jsonrpc must be "2.0"'
+    if not _valid_id(message.get("id")):
+        return "id must be a string, a number or null"
+    if "method" in message and not isinstance(message["method"], str):
+        return "method must be a string"
+    if "method" not in message and "id" not in message:
+        return "neither a method nor an id"
+    return None
+
+
+def _is_response(message) -> bool:
+    return isinstance(message, dict) and "method" not in message and ("result" in message or "error" in message)
+
+
 def _one_line(exc: BaseException) -> str:
     cause = exc.__cause__ or exc
     text = str(cause).strip().splitlines()
@@ -79,10 +111,40 @@ class StarProtocol(LanguageServerProtocol):
             return
         return super()._send_handler_result(future, msg_id=msg_id)
 
-    def handle_message(self, message):
-        if not hasattr(message, "jsonrpc"):
-            log.warning("ignoring a message that is not a JSON-RPC object: %.200r", message)
+    def receive(self, body: bytes) -> None:
+        """One framed body (server/framing.py): decoded, checked, then handled by pygls."""
+        try:
+            message = json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            return self.refuse(JsonRpcParseError(f"Parse Error: the body is not UTF-8 (byte {e.start})"))
+        except RecursionError:
+            return self.refuse(JsonRpcParseError("Parse Error: the body is nested too deeply"))
+        except ValueError as e:
+            return self.refuse(JsonRpcParseError(f"Parse Error: the body is not JSON ({e})"))
+        problem = request_problem(message)
+        if problem is None:
+            if "method" in message:
+                message.setdefault("params", None)   # JSON-RPC lets a request leave params out; pygls does not
+            return self.handle_message(self.structure_message(message))
+        if _is_response(message):
+            log.warning("dropped a response that is no JSON-RPC 2.0 message: %s", problem)
             return
+        msg_id = message.get("id") if isinstance(message, dict) and _valid_id(message.get("id")) else None
+        self.refuse(JsonRpcInvalidRequest(f"Invalid Request: {problem}"), msg_id)
+
+    def refuse_unreadable(self, reason: str) -> None:
+        """A message whose framing could not be read (server/framing.py)."""
+        self.refuse(JsonRpcParseError(f"Parse Error: {reason}"))
+
+    def refuse(self, error: JsonRpcException, msg_id=None) -> None:
+        """Answer an unreadable or invalid message with `error`, and log it as one line."""
+        log.warning("refused a message (id %s): %s", json.dumps(msg_id), error.message)
+        if msg_id is not None:
+            return self._send_response(msg_id, error=error.to_response_error())
+        # pygls' ResponseErrorMessage leaves out a null id, which JSON-RPC requires in the reply.
+        self._send_data({"jsonrpc": "2.0", "id": None, "error": self._converter.unstructure(error.to_response_error())})
+
+    def handle_message(self, message):
         if isinstance(message, _Ignored):
             return
         return super().handle_message(message)

@@ -15,17 +15,21 @@ import functools
 import logging
 import os
 import re
+import sys
+import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInternalError
+from pygls.io_ import StdoutWriter
 from pygls.lsp.server import LanguageServer
 
 from .completions import ACCEPT_COMMAND, CompletionService
 from .documents import BadPosition, offset_at, open_document
 from .engine_host import EngineHost, worker_pool
 from .fixes import FixService
+from .framing import CHUNK, serve, stdin_chunks
 from .protocol import StarProtocol
 from .settings import Settings, section
 from .status import StatusBoard
@@ -57,6 +61,40 @@ class StarServer(LanguageServer):
         self.load_executor = worker_pool("star-load")
         self._load_task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- transports: pygls' start_io / start_tcp with star's framing reader (server/framing.py) -----------
+
+    def start_io(self, stdin=None, stdout=None) -> None:
+        self._stop_event = threading.Event()
+        self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
+        chunks = stdin_chunks(stdin or sys.stdin.buffer, self.thread_pool)
+        try:
+            asyncio.run(serve(chunks, self.protocol, self._stop_event))
+        except BrokenPipeError:
+            log.error("the connection to the client is lost: shutting down")
+        except (KeyboardInterrupt, SystemExit):
+            pass
+        finally:
+            self.shutdown()
+
+    def start_tcp(self, host: str, port: int) -> None:
+        self._stop_event = threading.Event()
+
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+            self.protocol.set_writer(writer)
+            await serve(lambda: reader.read(CHUNK), self.protocol, self._stop_event)
+            self.shutdown()
+
+        async def listen():
+            self._server = await asyncio.start_server(connection, host, port)
+            log.info("serving on %s", ", ".join(str(s.getsockname()) for s in self._server.sockets))
+            async with self._server:
+                await self._server.serve_forever()
+
+        try:
+            asyncio.run(listen())
+        except asyncio.CancelledError:
+            pass
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
