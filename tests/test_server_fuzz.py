@@ -1,21 +1,32 @@
-"""Fuzz: thousands of random and mutated JSON-RPC messages (hypothesis) written to the real server's
-stdin, correctly framed; then the server must still be alive and answer a valid request correctly.
+"""Fuzz: 12,000 hostile messages written to the real server's stdin (the tiny random model); then every
+request that must be answered has been, and a valid request is answered correctly.
+
+* hypothesis (about 1,500): random and mutated JSON-RPC messages, any JSON, any bytes, truncated JSON, and
+  header blocks of any shape before them;
+* seeded episodes (the rest; cheap to make): a valid message of each kind with one value replaced by one of
+  another type or removed; envelopes with a wrong `jsonrpc`, `id` or `method`; framing attacks
+  (test_framing's, lengths off by up to 40 bytes, random bytes, cut frames), each followed by a request
+  that must be answered; valid messages in hostile orders (use after close, change before open, cancel
+  before and after the request, accept before show, two fixes in a burst then undo, settings changed
+  between completions, a second `initialized`, a response to a request never sent).
 
 Left out on purpose: `shutdown` and `exit` (they end the server by design), `initialize` (it resets the
 workspace by design) and changes of `adaptersDir` (a random path would be created on disk)."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
-import queue
-import subprocess
-import threading
+import operator
+import random
 import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from test_framing import CASES as FRAMING_CASES, Server, frame
 from test_server import server_command, tiny_model_dir  # noqa: F401  (the session fixture)
 
 URI = "file:///tmp/fuzz.py"
@@ -31,52 +42,6 @@ COMMANDS = ["star.applyFix", "star.completion.accepted", "star.patches.list", "s
             "star.stats", "star.nope"]
 SETTING_KEYS = ["model", "maxTokens", "maxLineTokens", "contextTokens", "multiline", "debounceMs", "repairMethod",
                 "markWrongCommand", "other"]
-
-
-class Server:
-    """The server process with a thread that reads its framed replies."""
-
-    def __init__(self, command):
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        self.replies: dict = {}
-        self.notifications: queue.Queue = queue.Queue()
-        self.sent = 0
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        out = self.proc.stdout
-        while True:
-            length = None
-            while True:
-                line = out.readline()
-                if not line:
-                    return
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-                if line in (b"\r\n", b"\n"):
-                    break
-            message = json.loads(out.read(length))
-            if "id" in message and "method" not in message:
-                self.replies[json.dumps(message["id"])] = message   # ids may be anything the fuzz sent
-            else:
-                self.notifications.put(message)
-
-    def write(self, body: bytes) -> None:
-        self.proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        self.proc.stdin.flush()
-        self.sent += 1
-
-    def send(self, message: dict) -> None:
-        self.write(json.dumps(message).encode())
-
-    def request(self, msg_id, method, params, timeout=180.0) -> dict:
-        self.send({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
-        deadline = time.monotonic() + timeout
-        while json.dumps(msg_id) not in self.replies:
-            assert self.proc.poll() is None, "the server died"
-            assert time.monotonic() < deadline, f"no reply to {method}"
-            time.sleep(0.02)
-        return self.replies.pop(json.dumps(msg_id))
 
 
 def inline_params(uri=URI, line=3, character=9):
@@ -173,31 +138,241 @@ bodies = st.one_of(
     st.binary(max_size=200),                                                 # not JSON, not even UTF-8
     _valid_messages().map(lambda b: b[: len(b) // 2]),                      # truncated JSON
 )
+# raw bytes for the stdin: a header block of any shape (a length off by a little or a lot, or no number,
+# LF or CRLF, other headers, any case), then a body
+headers = st.builds(
+    lambda name, value, eol, extra: b"%s: %s%s%s%s" % (name, value, eol, extra, eol),
+    st.sampled_from([b"Content-Length", b"content-length", b"CONTENT-LENGTH", b"Content-Lenght", b"X"]),
+    st.one_of(st.integers(-10, 300).map(lambda n: b"%d" % n), st.integers(0, 10**30).map(lambda n: b"%d" % n),
+              st.binary(max_size=12)),
+    st.sampled_from([b"\r\n", b"\n"]),
+    st.sampled_from([b"", b"Content-Type: application/vscode-jsonrpc; charset=utf-8\r\n", b"junk\r\n"]),
+)
+raw = st.builds(lambda header, body: header + body, headers, bodies)
+framed = bodies.map(lambda b: ("framed", b))
+writes = st.one_of(framed, framed, raw.map(lambda r: ("raw", r)))
 
 
+# -- seeded episodes: cheap to make, so they are most of the messages ----------------------------------------------
+
+OTHER = "file:///tmp/fuzz-other.py"
+WRONG_VALUES = [None, True, False, 0, -1, 2**31, 2**64, -(2**70), 1.5, 1e308, "", "x", "\ud800", "é" * 2000,
+                [], [None], {}, {"a": {"b": []}}, [[[[]]]]]
+
+
+def _pos(line=3, character=9) -> dict:
+    return {"line": line, "character": character}
+
+
+def _command(name, *arguments) -> dict:
+    return {"command": name, "arguments": list(arguments)}
+
+
+def _templates(uri: str) -> list[tuple[str, dict, bool]]:
+    """A valid message of each kind the server handles: (method, params, is a request)."""
+    doc = {"uri": uri}
+    return [
+        ("textDocument/inlineCompletion", inline_params(uri), True),
+        ("textDocument/completion", {"textDocument": doc, "position": _pos(), "context": {"triggerKind": 1}}, True),
+        ("textDocument/codeAction", {"textDocument": doc, "range": {"start": _pos(), "end": _pos()},
+                                     "context": {"diagnostics": []}}, True),
+        ("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": TEXT}},
+         False),
+        ("textDocument/didChange", {"textDocument": {"uri": uri, "version": 2}, "contentChanges": [
+            {"range": {"start": _pos(), "end": _pos()}, "text": "("}]}, False),
+        ("textDocument/didClose", {"textDocument": doc}, False),
+        ("textDocument/didSave", {"textDocument": doc}, False),
+        ("workspace/didChangeConfiguration", {"settings": {"star": {"maxTokens": 8, "debounceMs": 0}}}, False),
+        ("workspace/executeCommand", _command("star.stats"), True),
+        ("workspace/executeCommand", _command("star.patches.list"), True),
+        ("workspace/executeCommand", _command("star.patches.undoLast"), True),
+        ("workspace/executeCommand", _command("star.patches.setEnabled", {"id": "nope", "enabled": False}), True),
+        ("workspace/executeCommand", _command("star.patches.remove", {"id": "nope"}), True),
+        ("workspace/executeCommand", _command("star.completion.accepted", "nope"), True),
+        ("workspace/executeCommand", _command("star.applyFix", {"uri": uri, "position": _pos(), "completion": ")",
+                                                                "fix": "1, 2)"}), True),
+        ("$/cancelRequest", {"id": "nope"}, False),
+        ("$/setTrace", {"value": "verbose"}, False),
+        ("initialized", {}, False),
+        ("window/workDoneProgress/cancel", {"token": "nope"}, False),
+    ]
+
+
+def _paths(value, path=()):
+    yield path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        yield from _paths(child, (*path, key))
+
+
+def _wrong_type(params, rng: random.Random):
+    """`params` with one value anywhere in it replaced by one of another type, or removed."""
+    params = copy.deepcopy(params)
+    *parents, key = rng.choice(list(_paths(params))) or (None,)
+    if key is None:
+        return rng.choice(WRONG_VALUES)
+    parent = functools.reduce(operator.getitem, parents, params)
+    if isinstance(parent, dict) and rng.random() < 0.25:
+        del parent[key]
+    else:
+        parent[key] = rng.choice(WRONG_VALUES)
+    return params
+
+
+class Episodes:
+    """Seeded streams of messages: [(bytes to write, the id of a request that must be answered or None)].
+    Every request with a tracked id gets a reply; framing attacks are followed by a sacrificial message
+    (a length that is too long by less than a header line may take the next message with it)."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+        self.n = 0
+        self.framing = [data for data, _ in FRAMING_CASES.values()]
+
+    def fresh_id(self) -> str:
+        self.n += 1
+        return f"q{self.n}"
+
+    def message(self, method, params, msg_id=None) -> bytes:
+        message = {"jsonrpc": "2.0", "method": method, "params": params}
+        if msg_id is not None:
+            message["id"] = msg_id
+        return frame(json.dumps(message).encode())
+
+    def request(self, method, params) -> tuple[bytes, str]:
+        msg_id = self.fresh_id()
+        return self.message(method, params, msg_id), msg_id
+
+    def any(self) -> list[tuple[bytes, str | None]]:
+        kind = self.rng.choices([self.wrong_types, self.envelope, self.framing_attack, self.sequence],
+                                weights=[4, 1, 2, 3])[0]
+        return kind()
+
+    def wrong_types(self):
+        method, params, is_request = self.rng.choice(_templates(self.rng.choice([URI, OTHER])))
+        params = _wrong_type(params, self.rng)
+        if is_request:
+            return [self.request(method, params)]
+        return [(self.message(method, params), None)]
+
+    def envelope(self):
+        method, params, _ = self.rng.choice(_templates(OTHER))
+        message = {"jsonrpc": "2.0", "id": self.fresh_id(), "method": method, "params": params}
+        field = self.rng.choice(["jsonrpc", "id", "method", "params", "extra"])
+        if self.rng.random() < 0.3:
+            message.pop(field, None)
+        else:
+            message[field] = self.rng.choice(WRONG_VALUES)
+        return [(frame(json.dumps(message).encode()), None)]
+
+    def framing_attack(self):
+        body = json.dumps({"jsonrpc": "2.0", "method": "$/setTrace", "params": {"value": "off"}}).encode()
+        attack = self.rng.choice([
+            lambda: self.rng.choice(self.framing),
+            lambda: b"Content-Length: %d\r\n\r\n" % max(0, len(body) + self.rng.randint(-40, 40)) + body,
+            lambda: self.rng.randbytes(self.rng.randint(1, 300)),
+            lambda: frame(body)[: self.rng.randint(1, len(body))],
+        ])()
+        valid, msg_id = self.request("workspace/executeCommand", _command("star.stats"))
+        lf = valid.replace(b"\r\n", b"\n")                                  # also accepted
+        return [(attack, None), (frame(body), None), (self.rng.choice([valid, lf]), msg_id)]
+
+    def sequence(self):
+        """Valid messages in orders a client should not send."""
+        rng, uri = self.rng, f"file:///tmp/fuzz-seq-{self.rng.randrange(4)}.py"
+        by_step = {_step(method, params): (method, params, is_request)
+                   for method, params, is_request in _templates(uri)}
+        steps = rng.choice([
+            ["didClose", "inlineCompletion", "didChange", "codeAction", "didOpen", "didOpen", "completion"],
+            ["didChange", "didOpen", "didChange", "didChange", "inlineCompletion", "didClose", "didClose"],
+            ["cancel-first", "inlineCompletion"],
+            ["inlineCompletion", "cancel-it", "cancel-it"],
+            ["didOpen", "inlineCompletion", "inlineCompletion", "inlineCompletion", "didChange", "inlineCompletion"],
+            ["star.completion.accepted", "codeAction", "star.completion.accepted"],
+            ["didOpen", "star.applyFix", "star.applyFix", "star.patches.list", "star.patches.undoLast",
+             "star.patches.remove"],
+            ["inlineCompletion", "didChangeConfiguration", "inlineCompletion", "settings-reset"],
+            ["initialized", "setTrace", "cancel", "client-response", "didSave"],
+        ])
+        out, last = [], None
+        for step in steps:
+            if step == "cancel-first":
+                last = self.fresh_id()
+                out.append((self.message("$/cancelRequest", {"id": last}), None))
+                out.append((self.message(*by_step["inlineCompletion"][:2], last), last))
+            elif step == "cancel-it":
+                out.append((self.message("$/cancelRequest", {"id": last}), None))
+            elif step == "settings-reset":
+                out.append((self.message("workspace/didChangeConfiguration",
+                                         {"settings": {"star": {"maxTokens": None, "debounceMs": None}}}), None))
+            elif step == "client-response":       # an answer to a request the server never sent
+                response = {"jsonrpc": "2.0", "id": self.fresh_id(), "result": {}}
+                out.append((frame(json.dumps(response).encode()), None))
+            else:
+                method, params, is_request = by_step[step]
+                if is_request:
+                    data, last = self.request(method, params)
+                    out.append((data, last))
+                else:
+                    out.append((self.message(method, params), None))
+        return out
+
+
+def _step(method: str, params: dict) -> str:
+    """A template's name in a sequence: the method's last part, or the command."""
+    return params["command"] if method == "workspace/executeCommand" else method.split("/")[-1]
+
+
+def _undo_everything(server) -> int:
+    for i in range(200):
+        reply = server.request(f"undo{i}", "workspace/executeCommand", {"command": "star.patches.undoLast"})
+        if reply.get("result", {}).get("removed") is None:
+            return i
+    raise AssertionError("more than 200 patches")
+
+
+HYPOTHESIS_EXAMPLES = 40          # x 30..45 messages; the seeded episodes make up the rest
+MESSAGES = 12_000
+
+
+@pytest.mark.timeout(300)
 def test_fuzz_then_a_valid_request_is_answered_correctly(server):
     before = server.request("before", "textDocument/inlineCompletion", inline_params())
     expected = before["result"]["items"][0]["insertText"]
 
-    @settings(max_examples=80, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=HYPOTHESIS_EXAMPLES, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(st.lists(bodies, min_size=30, max_size=45))   # 80 examples x at least 30 = over 2,000 messages
+    @given(st.lists(writes, min_size=30, max_size=45))
     def fuzz(batch):
-        for body in batch:
-            server.write(body)
+        for how, data in batch:
+            server.write(data) if how == "framed" else server.write_raw(data)
         assert server.proc.poll() is None
 
     started = time.monotonic()
     fuzz()
-    assert server.sent > 2000
+    print(f"hypothesis: {server.sent} messages in {time.monotonic() - started:.1f} s")
+    # the hypothesis part may have broken the framing on purpose: this realigns it (and is answered)
+    server.write_raw(b"\r\n" + frame(b"{}"))
+
+    episodes, tracked = Episodes(seed=15), []
+    while server.sent < MESSAGES:
+        for data, msg_id in episodes.any():
+            server.write_raw(data)
+            if msg_id is not None:
+                tracked.append(msg_id)
+    assert server.proc.poll() is None
     print(f"{server.sent} messages written in {time.monotonic() - started:.1f} s")
 
-    # still alive and still right: undo whatever a random applyFix may have done, reset the settings
-    for i in range(20):
-        reply = server.request(f"undo{i}", "workspace/executeCommand", {"command": "star.patches.undoLast"})
-        if reply.get("result", {}).get("removed") is None:
-            break
-    print(f"caught up after {time.monotonic() - started:.1f} s")
+    deadline = time.monotonic() + 120
+    while missing := [i for i in tracked if json.dumps(i) not in server.replies]:
+        assert server.proc.poll() is None, "the server died"
+        assert time.monotonic() < deadline, f"{len(missing)} of {len(tracked)} requests never answered: {missing[:10]}"
+        time.sleep(0.05)
+    undone = _undo_everything(server)
+    print(f"all {len(tracked)} tracked requests answered, {undone} patch(es) undone, "
+          f"{time.monotonic() - started:.1f} s")
+
+    # still alive and still right: reset the settings, reopen the document
     server.send({"jsonrpc": "2.0", "method": "workspace/didChangeConfiguration",
                  "params": {"settings": {key: None for key in SETTING_KEYS if key != "model"}}})
     server.send({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
@@ -206,4 +381,5 @@ def test_fuzz_then_a_valid_request_is_answered_correctly(server):
     assert after["result"]["items"][0]["insertText"] == expected
     assert after["result"]["items"][0]["range"] == {"start": {"line": 3, "character": 9},
                                                     "end": {"line": 3, "character": 9}}
+    assert server.sent >= MESSAGES
     assert server.proc.poll() is None
