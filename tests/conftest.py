@@ -1,21 +1,32 @@
-"""Shared fixtures: tiny random models built from configs (no download) and the real default model."""
+"""Shared fixtures: tiny random models built from configs with a tokenizer trained here (nothing to install or
+download), and the real default model (slow tests only)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import AutoTokenizer, CodeGenConfig, GPT2Config, LlamaConfig, Qwen2Config
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, CodeGenConfig, GPT2Config, LlamaConfig, Qwen2Config
 
-from star_engine.model import from_modules, load_model, model_dir
+from star_engine.model import from_modules, load_model
+from tiny_tokenizer import train_tiny_tokenizer
 
 TINY = dict(hidden=64, ff=128, layers=4, heads=4, positions=256)
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    """The default model's tokenizer (from the local cache; converted from the embedded GGUF once)."""
-    return AutoTokenizer.from_pretrained(model_dir(), local_files_only=True)
+    """The tiny models' tokenizer: a small byte-level BPE trained on a few lines of code."""
+    return train_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tokenizer, tmp_path_factory) -> Path:
+    """The tiny tokenizer saved to disk, for subprocesses that build a tiny model of their own."""
+    path = tmp_path_factory.mktemp("tiny-tokenizer")
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def tiny_config(family: str, vocab: int, bos: int = 1, eos: int = 2):
@@ -53,14 +64,24 @@ def tiny_llama(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
+    """The tiny random Llama (seed 0) saved as a local HF directory: `--model <dir>`."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny("llama", tokenizer).model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def default_lm():
     """The real embedded default model (SmolLM2-135M). Tests that change its weights must undo them."""
     return load_model()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Two cores shared by many processes: one torch thread is ~10x faster than two fighting."""
+    """Two cores shared by many processes: one torch thread is ~10x faster than two fighting (session-wide,
+    so that module- and session-scoped fixtures that repair a model get it too)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

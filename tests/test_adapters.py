@@ -507,18 +507,16 @@ def _big_tiny(tokenizer):
     return from_modules(AutoModelForCausalLM.from_config(cfg), tokenizer, name="big-tiny")
 
 
-def test_kill_9_while_saving_leaves_a_loadable_folder(tokenizer, tmp_path):
+def test_kill_9_while_saving_leaves_a_loadable_folder(tokenizer, tiny_tokenizer_dir, tmp_path):
     """A writer adds ~10 MB adapters in a loop; SIGKILL it at random moments; the folder must load with
     every listed adapter valid, none half-written, and the stack must only ever grow."""
-    from star_engine.model import model_dir
-
     folder = tmp_path / "adapters"
     repo = Path(__file__).resolve().parents[1]
     rng = torch.Generator().manual_seed(1234)
     seen = 0
     for round_ in range(3):
         proc = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(folder), str(model_dir())],
+            [sys.executable, "-c", _WRITER, str(folder), str(tiny_tokenizer_dir)],
             cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         first = proc.stdout.readline()                         # one add completed: now in the write loop
@@ -605,15 +603,6 @@ def test_hot_reload_applies_a_dropped_adapter_and_undoes_a_removed_one(star_adap
 # -- CLI --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def model_on_disk(tokenizer, tmp_path):
-    lm = make_tiny("llama", tokenizer)
-    path = tmp_path / "tiny-model"
-    lm.model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def run_cli(*args) -> tuple[int, str, str]:
     from star_engine.cli import main
 
@@ -628,13 +617,13 @@ def run_cli(*args) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def test_cli_round_trip(star_adapters, model_on_disk, tmp_path):
+def test_cli_round_trip(star_adapters, tiny_model_dir, tmp_path):
     mine, theirs = tmp_path / "mine", tmp_path / "theirs"
     shutil.copytree(star_adapters[0], mine / "first")
     first = SimpleNamespace(id="first")
     shutil.copytree(star_adapters[2], theirs / "shared-fix")
     shared = SimpleNamespace(id="shared-fix")
-    opts = ["--dir", str(mine), "--model", str(model_on_disk)]
+    opts = ["--dir", str(mine), "--model", str(tiny_model_dir)]
 
     code, out, _ = run_cli("adapters", *opts, "list")
     assert code == 0 and first.id in out and "yes" in out and "not in the manifest" not in out
@@ -661,13 +650,13 @@ def test_cli_round_trip(star_adapters, model_on_disk, tmp_path):
     assert code == 2 and "star: error:" in err and err.strip().count("\n") <= 1
 
 
-def test_cli_repair_save_writes_a_peft_adapter(model_on_disk, tmp_path):
+def test_cli_repair_save_writes_a_peft_adapter(tiny_model_dir, tmp_path):
     code, out, err = run_cli(
-        "repair", "--model", str(model_on_disk), "--locality-budget", "1", "--prompt", CASES[0].prompt, "--fix", CASES[0].fix,
+        "repair", "--model", str(tiny_model_dir), "--locality-budget", "1", "--prompt", CASES[0].prompt, "--fix", CASES[0].fix,
         "--set", "lr=0.1", "--save", str(tmp_path / "fix"), "--json",
     )
     assert code == 0, err
     assert json.loads(out)["adapter"] == str(tmp_path / "fix")
     assert json.loads((tmp_path / "fix" / CONFIG_NAME).read_text())["base_model_name_or_path"] == str(
-        model_on_disk.resolve()
+        tiny_model_dir.resolve()
     )

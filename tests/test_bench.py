@@ -22,11 +22,8 @@ RECORDS = [
     {"id": "r5", "intent": "print hello", "target": "print('hello')"},
     {"id": "r6", "intent": "sort y", "target": "y.sort()"},
 ]
-TINY_SETTINGS = ["--set", "star.lr=0.1", "--set", "sgd.lr=1.0", "--set", "lora.lr=0.05",
+TINY_SETTINGS = ["--set", "star.lr=0.1", "--set", "star.steps=40", "--set", "sgd.lr=1.0", "--set", "lora.lr=0.05",
                  "--set", "mint.blend=10", "--set", "mint.layers=all"]
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -355,7 +355,7 @@ import pytest_asyncio  # noqa: E402
 from lsprotocol import types  # noqa: E402
 from pygls.exceptions import JsonRpcException  # noqa: E402
 
-from test_server import (  # noqa: E402,F401  (tiny_model_dir: the session fixture)
+from test_server import (  # noqa: E402
     command,
     end_of,
     fix_args,
@@ -365,7 +365,6 @@ from test_server import (  # noqa: E402,F401  (tiny_model_dir: the session fixtu
     server_command,
     start_client,
     stop_client,
-    tiny_model_dir,
     wait_for,
 )
 

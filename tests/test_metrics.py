@@ -7,9 +7,6 @@ from star_engine.bench.data import Scored
 from star_engine.bench.metrics import CaseOutcome, Score, score, specificity, summarise, token_em
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def test_token_exact_match():
     assert token_em([1, 2, 3], [1, 2, 4]) == pytest.approx(2 / 3)
     assert token_em([7], [7]) == 1.0

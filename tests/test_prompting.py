@@ -1,7 +1,7 @@
 """Prompting rules for a FIM instruct checkpoint (Qwen2.5-Coder) and a slower model: FIM with token
 healing, a capped suffix, a prompt start that stays put over several new lines (KV reuse), and the cut
-rules for an instruct model that rewrites the suffix or closes a markdown fence. Fast: the default
-model's tokenizer and a character-level stand-in with Qwen's FIM tokens; test_qwen.py drives the real
+rules for an instruct model that rewrites the suffix or closes a markdown fence. Fast: the tests'
+tiny tokenizer and a character-level stand-in with Qwen's FIM tokens; test_qwen.py drives the real
 model."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def test_fim_prompt_heals_the_prefix_and_the_repair_target_follows():
 def test_without_fim_tokens_or_without_a_suffix_the_prompt_is_the_healed_prefix(tokenizer):
     source = "names = ['b', 'a']\nnames_sorted = "
     plain = build_prompt(Context.at(source + "\nprint(names_sorted)\n", len(source), 256), tokenizer)
-    assert not plain.fim and plain.text + plain.heal == source     # SmolLM2 has no FIM tokens
+    assert not plain.fim and plain.text + plain.heal == source     # the tiny tokenizer has no FIM tokens
     no_suffix = build_prompt(Context.at(source, len(source), 256), FimTokenizer())
     assert not no_suffix.fim and no_suffix.text + no_suffix.heal == source
 

@@ -103,7 +103,7 @@ def small_stat(monkeypatch, tmp_path):
     return tmp_path
 
 
-def test_the_corpus_halves_are_disjoint_and_deterministic(tokenizer):
+def test_the_corpus_halves_are_disjoint_and_deterministic():
     stat, held = set(corpus_files("stat")), set(corpus_files("held"))
     assert stat and held and not stat & held
     assert any(p.suffix == ".h" for p in stat) and any(p.suffix == ".py" for p in stat)

@@ -18,7 +18,6 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcRequestCancelled
 from pytest_lsp import ClientServerConfig
 
-from conftest import make_tiny
 
 PROTOCOL_COMMANDS = {
     "star.applyFix",
@@ -138,16 +137,6 @@ def fix_args(uri: str, position: types.Position, completion: str, fix: str) -> d
 
 
 # -- fixtures ------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
-    """A tiny random Llama (the shared fixture's) saved as a local HF directory: `--model <dir>`."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = make_tiny("llama", tokenizer)
-    lm.model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest_asyncio.fixture
