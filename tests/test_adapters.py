@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny
+from helpers import same_weights, snapshot
 from star_engine.adapters import (
     AdapterError,
     PatchStack,
@@ -48,14 +49,6 @@ CASES = [
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
-
-
-def snapshot(lm) -> list[torch.Tensor]:
-    return [lm.arch.columns(l).detach().clone() for l in range(lm.arch.n_layers)]
-
-
-def same_weights(lm, snap) -> bool:
-    return all(torch.equal(lm.arch.columns(l), w) for l, w in enumerate(snap))
 
 
 def hand_patch(lm, seed: int = 0, scale: float = 0.3) -> Patch:

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import snapshot
 from star_engine.adapters import PatchStack
 from star_engine.adapters.format import WEIGHTS_NAME
 from star_engine.capture import encode
@@ -20,10 +21,6 @@ from star_engine.repair import repair
 pytestmark = pytest.mark.slow
 
 DEMO = RepairCase(prompt="# Reverse the list `a`\n", fix="a.reverse()")
-
-
-def snapshot(lm):
-    return [lm.arch.columns(l).detach().clone() for l in range(lm.arch.n_layers)]
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
+from helpers import same_weights, snapshot
 from star_engine.bench import data as bench_data
 from star_engine.bench.cli import parse_method_settings
 from star_engine.bench.runner import ABLATION, variants
@@ -75,13 +75,12 @@ def _run(monkeypatch, lm, records_file, out, *extra):
     import star_engine.model
 
     monkeypatch.setattr(star_engine.model, "load_model", lambda spec=None: lm)
-    before = [lm.arch.columns(l).clone() for l in range(lm.arch.n_layers)]
+    before = snapshot(lm)
     # The locality guard is off: any change moves a random model's predictions.
     rc = main(["bench", "--data", str(records_file), "--limit", "3", "--controls", "2", "--out", str(out),
                "--no-guard", *TINY_SETTINGS, *extra])
     assert rc == 0
-    for l, w in enumerate(before):      # the bench leaves the model as it found it
-        assert torch.equal(lm.arch.columns(l), w)
+    assert same_weights(lm, before)      # the bench leaves the model as it found it
     return json.loads((out / "results.json").read_text())
 
 
@@ -128,14 +127,13 @@ def test_three_case_bench_on_the_default_model(default_lm, monkeypatch, tmp_path
     import star_engine.model
 
     monkeypatch.setattr(star_engine.model, "load_model", lambda spec=None: default_lm)
-    before = [default_lm.arch.columns(l).clone() for l in range(default_lm.arch.n_layers)]
+    before = snapshot(default_lm)
     out = tmp_path / "bench"
     # short targets keep the CI run small; MINT gets the same cases as everyone else
     rc = main(["bench", "--data", str(SHARED / "data" / "conala" / "dev.jsonl"), "--limit", "3", "--max-target-tokens", "8",
                "--controls", "5", "--out", str(out)])
     assert rc == 0
-    for l, w in enumerate(before):
-        assert torch.equal(default_lm.arch.columns(l), w)
+    assert same_weights(default_lm, before)
     res = json.loads((out / "results.json").read_text())
     assert {"star", "mint", "sgd", "lora"} <= set(res)
     assert all(res[m]["n_cases"] == 3 for m in ("star", "mint", "sgd", "lora"))

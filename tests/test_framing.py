@@ -17,7 +17,7 @@ import time
 import pytest
 
 from star_server.framing import MAX_CONTENT_LENGTH, FrameReader, FramingError
-from test_server import server_command
+from lsp_harness import server_command
 
 PARSE_ERROR, INVALID_REQUEST = -32700, -32600
 

@@ -18,7 +18,8 @@ import torch
 from conftest import make_tiny
 from star_engine.adapters import AdapterError, PatchStack, load_adapter, save_adapter
 from star_engine.adapters.format import CONFIG_NAME, META_NAME, WEIGHTS_NAME
-from test_adapters import CASES, fake_result, folder_listing, hand_patch, rewrite_weights, same_weights, snapshot
+from helpers import same_weights, snapshot
+from test_adapters import CASES, fake_result, folder_listing, hand_patch, rewrite_weights
 
 HOSTILE_COUNTS: dict[str, int] = {}    # class of hostile input -> how many the tests send (see the report)
 
@@ -355,7 +356,7 @@ import pytest_asyncio  # noqa: E402
 from lsprotocol import types  # noqa: E402
 from pygls.exceptions import JsonRpcException  # noqa: E402
 
-from test_server import (  # noqa: E402
+from lsp_harness import (  # noqa: E402
     command,
     end_of,
     fix_args,
@@ -758,7 +759,8 @@ import json, sys
 sys.path.insert(0, "tests")
 from transformers import AutoTokenizer
 from conftest import make_tiny
-from test_adapters import CASES, fake_result, hand_patch, same_weights, snapshot
+from helpers import same_weights, snapshot
+from test_adapters import CASES, fake_result, hand_patch
 from star_engine.adapters import PatchStack
 
 lm = make_tiny("llama", AutoTokenizer.from_pretrained(sys.argv[2], local_files_only=True))

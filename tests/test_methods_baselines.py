@@ -4,6 +4,7 @@ random models, shares the driver's verify/restore behaviour, and leaves no forei
 import pytest
 import torch
 
+from helpers import same_weights, snapshot
 from star_engine.case import RepairCase
 from star_engine.generate import complete
 from star_engine.methods import METHODS, field_help, get_method
@@ -14,10 +15,6 @@ PLANTED = RepairCase(prompt="def add(a, b):\n    return a +", fix=" b")
 # Random tiny models need bigger steps than the real model's defaults.
 TINY = {"sgd": {"lr": "1.0"}, "lora": {"lr": "0.05"}, "mint": {"blend": "10", "layers": "all", "give_up": "false"}}
 SEED = {"llama": 3, "qwen2": 2}   # seed 0's random llama and qwen2 cannot be fixed by MINT's ten neurons
-
-
-def weights(lm):
-    return [lm.arch.columns(l).detach().clone() for l in range(lm.arch.n_layers)]
 
 
 def test_every_baseline_is_registered_with_documented_settings():
@@ -35,33 +32,31 @@ def test_each_baseline_fixes_a_planted_failure_in_every_family(tokenizer, family
     from conftest import make_tiny
 
     tiny_lm = make_tiny(family, tokenizer, SEED.get(family, 0))
-    before = weights(tiny_lm)
+    before = snapshot(tiny_lm)
     assert complete(tiny_lm, PLANTED.prompt) != PLANTED.fix
     result = repair(tiny_lm, [PLANTED], method, TINY[method], guard=None)
     assert result.fixed, result.reason
     assert result.method == method and result.neurons > 0
     assert complete(tiny_lm, PLANTED.prompt) == PLANTED.fix
     undo(tiny_lm, result)
-    for l, w in enumerate(before):
-        assert torch.equal(tiny_lm.arch.columns(l), w)
+    assert same_weights(tiny_lm, before)
 
 
 @pytest.mark.parametrize("method", ["mint", "sgd", "lora"])
 def test_a_failed_baseline_repair_restores_the_weights_bit_exactly(tiny_llama, method):
-    before = weights(tiny_llama)
+    before = snapshot(tiny_llama)
     tiny = {"mint": {"max_patches": "1", "blend": "1e-9"}, "sgd": {"lr": "1e-9", "steps": "1"},
             "lora": {"lr": "1e-9", "steps": "1"}}[method]
     result = repair(tiny_llama, [PLANTED], method, tiny, guard=None)
     assert not result.fixed and result.patch is None
-    for l, w in enumerate(before):
-        assert torch.equal(tiny_llama.arch.columns(l), w)
+    assert same_weights(tiny_llama, before)
 
 
 def test_mint_patches_a_few_whole_columns_in_the_upper_half(tokenizer):
     from conftest import make_tiny
 
     lm = make_tiny("gpt2", tokenizer)
-    before = weights(lm)
+    before = snapshot(lm)
     result = repair(lm, [PLANTED], "mint", {"blend": "10"}, guard=None)
     assert result.fixed, result.reason
     assert result.layers and all(l >= lm.arch.n_layers // 2 for l in result.layers)

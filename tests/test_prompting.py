@@ -6,25 +6,9 @@ model."""
 
 from __future__ import annotations
 
+from helpers import FimTokenizer
 from star_server import prompting
 from star_server.prompting import Context, build_prompt, postprocess
-
-
-class FimTokenizer:
-    """One 'token' per character, plus Qwen2.5-Coder's three FIM tokens."""
-
-    all_special_ids = []
-
-    def get_vocab(self):
-        return {"<|fim_prefix|>": 1, "<|fim_suffix|>": 2, "<|fim_middle|>": 3}
-
-    def __call__(self, text, add_special_tokens=False):
-        if isinstance(text, list):
-            return {"input_ids": [list(t) for t in text]}
-        return {"input_ids": list(text)}
-
-    def decode(self, ids):
-        return "".join(ids)
 
 
 def test_fim_prompt_heals_the_prefix_and_the_repair_target_follows():

@@ -17,7 +17,7 @@ import torch
 
 from star_engine.install import install
 from star_engine.model import MODELS, load_model
-from test_server import end_of, inline, open_doc, server_command, start_client, stop_client
+from lsp_harness import end_of, inline, open_doc, ready_client, server_command
 
 pytestmark = pytest.mark.slow
 QWEN = "qwen2.5-coder-0.5b"
@@ -94,11 +94,9 @@ def test_star_repair_fixes_a_real_failure_of_qwen(installed, scratch):
 
 @pytest_asyncio.fixture
 async def client(installed, tmp_path):
-    c = await start_client(server_command(QWEN, tmp_path / "adapters", "--latency-budget-ms", "0"),
-                           ready_timeout=600)
-    assert c.statuses[-1].kind == "ready", c.statuses
-    yield c
-    await stop_client(c)
+    command = server_command(QWEN, tmp_path / "adapters", "--latency-budget-ms", "0")
+    async with ready_client(command, ready_timeout=600) as c:
+        yield c
 
 
 async def test_inline_completions_on_qwen_through_the_server(client):

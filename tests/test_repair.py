@@ -5,21 +5,13 @@ import threading
 import pytest
 import torch
 
+from helpers import same_weights, snapshot
 from star_engine.case import RepairCase, RepairInputError
 from star_engine.generate import complete
 from star_engine.repair import RepairCancelled, repair, undo
 
 PLANTED = RepairCase(prompt="def add(a, b):\n    return a +", fix=" b")
 TINY_STEP = {"lr": "0.1"}   # random tiny models need a bigger step than the real model's 1e-2
-
-
-def weights(lm):
-    return [lm.arch.columns(l).detach().clone() for l in range(lm.arch.n_layers)]
-
-
-def assert_same_weights(lm, saved):
-    for l, w in enumerate(saved):
-        assert torch.equal(lm.arch.columns(l), w), f"layer {l} changed"
 
 
 @pytest.mark.parametrize("mode", ["token", "batch"])
@@ -34,19 +26,19 @@ def test_star_fixes_a_planted_failure_in_every_family(tiny_lm, mode):
 
 
 def test_undo_restores_the_weights_bit_exactly(tiny_llama):
-    before = weights(tiny_llama)
+    before = snapshot(tiny_llama)
     result = repair(tiny_llama, [PLANTED], "star", TINY_STEP, guard=None)
     assert result.fixed
     undo(tiny_llama, result)
-    assert_same_weights(tiny_llama, before)
+    assert same_weights(tiny_llama, before)
 
 
 def test_a_repair_that_cannot_fix_restores_the_weights_bit_exactly(tiny_llama):
-    before = weights(tiny_llama)
+    before = snapshot(tiny_llama)
     result = repair(tiny_llama, [PLANTED], "star", {"lr": "1e-9", "steps": "1"}, guard=None)
     assert not result.fixed
     assert "still writes" in result.reason and result.patch is None
-    assert_same_weights(tiny_llama, before)
+    assert same_weights(tiny_llama, before)
 
 
 def test_token_mode_gives_up_at_the_first_failure_it_cannot_fix(tiny_llama):
@@ -76,7 +68,7 @@ def test_same_input_gives_the_same_patch(tokenizer):
 
 
 def test_neurons_outside_the_mask_stay_bit_identical(tiny_llama):
-    before = weights(tiny_llama)
+    before = snapshot(tiny_llama)
     result = repair(tiny_llama, [PLANTED], "star", TINY_STEP | {"sparsity": "layer", "sparsity_ratio": "0.125"}, guard=None)
     assert result.fixed, result.reason
     [layer] = result.layers                    # layer-wise sparsity: one layer only
@@ -103,12 +95,12 @@ def test_several_cases_in_one_repair(tiny_llama):
 
 
 def test_cancelled_repair_restores_and_raises(tiny_llama):
-    before = weights(tiny_llama)
+    before = snapshot(tiny_llama)
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(RepairCancelled):
         repair(tiny_llama, [PLANTED], "star", TINY_STEP, cancel=cancel, guard=None)
-    assert_same_weights(tiny_llama, before)
+    assert same_weights(tiny_llama, before)
 
 
 @pytest.mark.parametrize(

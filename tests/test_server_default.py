@@ -9,7 +9,7 @@ import pytest
 import pytest_asyncio
 from lsprotocol import types
 
-from test_server import (
+from lsp_harness import (
     FIX,
     FIX_PROMPT,
     command,
@@ -18,9 +18,8 @@ from test_server import (
     inline,
     inline_text,
     open_doc,
+    ready_client,
     server_command,
-    start_client,
-    stop_client,
 )
 
 pytestmark = pytest.mark.slow
@@ -28,10 +27,8 @@ pytestmark = pytest.mark.slow
 
 @pytest_asyncio.fixture
 async def client(tmp_path):
-    c = await start_client(server_command(None, tmp_path / "adapters"), ready_timeout=600)
-    assert c.statuses[-1].kind == "ready", c.statuses
-    yield c
-    await stop_client(c)
+    async with ready_client(server_command(None, tmp_path / "adapters"), ready_timeout=600) as c:
+        yield c
 
 
 async def test_default_model_completes_code(client):

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from test_framing import CASES as FRAMING_CASES, Server, frame
-from test_server import server_command
+from lsp_harness import server_command
 
 URI = "file:///tmp/fuzz.py"
 TEXT = "def add(a, b):\n    return a + b\n\nprint(add"

@@ -10,6 +10,7 @@ import pytest
 from lsprotocol import types
 
 from conftest import make_tiny
+from helpers import FimTokenizer
 from star_engine.generate import complete
 from star_server.cache import CompletionCache
 from star_server.documents import BadPosition, offset_at, position_arg
@@ -102,33 +103,16 @@ def test_token_healing_leaves_out_the_last_token(tokenizer, source):
     assert prompt.repair_fix("y") == prompt.heal + "y"
 
 
-class _FimTokenizer:
-    """A stand-in tokenizer with Qwen-style FIM tokens (one 'token' per character)."""
-
-    def get_vocab(self):
-        return {"<|fim_prefix|>": 1, "<|fim_suffix|>": 2, "<|fim_middle|>": 3}
-
-    def __call__(self, text, add_special_tokens=False):
-        if isinstance(text, list):
-            return {"input_ids": [list(t) for t in text]}
-        return {"input_ids": list(text)}
-
-    def decode(self, ids):
-        return "".join(ids)
-
-    all_special_ids = []
-
-
 def test_fim_prompt_when_the_model_has_fim_tokens():
     source = "def average(xs):\n    total = \n    return total / len(xs)\n"
     offset = source.index("total = ") + len("total = ")
-    prompt = build_prompt(Context.at(source, offset, 200), _FimTokenizer())
+    prompt = build_prompt(Context.at(source, offset, 200), FimTokenizer())
     assert prompt.fim and prompt.heal == " "   # the prefix is healed too: the middle starts with " "
     assert prompt.text == (
         "<|fim_prefix|>def average(xs):\n    total =<|fim_suffix|>\n    return total / len(xs)\n<|fim_middle|>"
     )
     # no suffix: a plain prompt
-    assert not build_prompt(Context.at("x = ", 4, 200), _FimTokenizer()).fim
+    assert not build_prompt(Context.at("x = ", 4, 200), FimTokenizer()).fim
 
 
 def _prompt(tokenizer, source, offset=None, **kw):
