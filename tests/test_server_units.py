@@ -262,13 +262,14 @@ def test_generation_with_kv_reuse_matches_plain_greedy(family, tokenizer):
     assert got.reused_tokens > 0   # the last prompt reused the cache of the one before
     # the user typed what the model had generated: that prompt was fed entirely and its next-token logits
     # are kept, so decoding starts without a forward pass
-    gen.run(text, max_new_tokens=3, key="again")
+    gen.run(text, max_new_tokens=2, key="again")
     fed = list(gen._kv["again"].fed)
     longer = tokenizer.decode(fed)
-    if tokenizer(longer, add_special_tokens=False)["input_ids"] == fed:   # a clean token boundary
-        again = gen.run(longer, max_new_tokens=12, key="again")
-        assert again.prompt_tokens == again.reused_tokens == len(fed)
-        assert again.text == complete(lm, longer, max_new_tokens=12)
+    assert len(longer) > len(text)                                          # the first generated token was fed
+    assert tokenizer(longer, add_special_tokens=False)["input_ids"] == fed   # and ends at a clean token boundary
+    again = gen.run(longer, max_new_tokens=12, key="again")
+    assert again.prompt_tokens == again.reused_tokens == len(fed)
+    assert again.text == complete(lm, longer, max_new_tokens=12)
 
 
 def test_latency_deadline_cuts_single_line_generations_only(tokenizer):
