@@ -13,7 +13,13 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .capture import encode
+from .case import EncodedCase
 from .model import LoadedModel
+
+# Greedy decoding may spell a fix with another (longer) tokenisation than the fix's own; and what it writes
+# instead is shown as a whole wrong line, within an editor-sized budget.
+DECODE_SLACK = 4
+SHOWN_TOKENS = 48
 
 
 class GenerationCancelled(Exception):
@@ -95,10 +101,12 @@ class _LinesDone(StoppingCriteria):
         return torch.full((input_ids.shape[0],), text.count("\n") >= self.n_lines, dtype=torch.bool)
 
 
-def writes(lm: LoadedModel, prompt_ids: Sequence[int], target_text: str, max_tokens: int) -> tuple[bool, str]:
-    """Does greedy decoding after the prompt write `target_text`? Returns (yes, what it wrote: as many
-    whole lines as the target has, or `max_tokens` tokens)."""
-    stop = _LinesDone(lm, len(prompt_ids), target_text.count("\n"))
-    new = greedy_ids(lm, prompt_ids, max_tokens, StoppingCriteriaList([stop]))
+def writes_fix(lm: LoadedModel, enc: EncodedCase) -> tuple[bool, str]:
+    """Does greedy decoding after the case's prompt write its fix now? Returns (yes, what it wrote: as many
+    whole lines as the fix has, or the token budget's worth). The one check of the repair driver, the
+    patch stack and the bench."""
+    budget = max(len(enc.target_ids) + DECODE_SLACK, SHOWN_TOKENS)
+    stop = _LinesDone(lm, len(enc.prompt_ids), enc.target_text.count("\n"))
+    new = greedy_ids(lm, enc.prompt_ids, budget, StoppingCriteriaList([stop]))
     text = lm.tokenizer.decode(new, skip_special_tokens=True)
-    return text.startswith(target_text), text
+    return text.startswith(enc.target_text), text

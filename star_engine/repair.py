@@ -10,19 +10,13 @@ from dataclasses import asdict, dataclass, field
 
 from .capture import encode_case, teacher_forced_argmax, token_exact_match
 from .case import EncodedCase, RepairCase, RepairInputError
-from .generate import writes
+from .generate import writes_fix
 from .guard import GuardConfig
 from .locality import Locality, behaviour, compare, guard_windows
 from .methods import get_method
 from .model import LoadedModel
 from .patch import Patch, SavedColumns, WeightSnapshot, restore_columns
 from .session import Progress, RepairCancelled, RepairSession
-
-# Greedy decoding may spell the fix with a different (longer) tokenisation than the target's; and the
-# report shows the whole wrong line, within an editor-sized budget.
-_DECODE_SLACK = 4
-_SHOWN_TOKENS = 48
-
 
 @dataclass
 class TokenReport:
@@ -92,10 +86,6 @@ class RepairResult:
         }
 
 
-def _greedy(lm: LoadedModel, enc: EncodedCase) -> tuple[bool, str]:
-    return writes(lm, enc.prompt_ids, enc.target_text, max(len(enc.target_ids) + _DECODE_SLACK, _SHOWN_TOKENS))
-
-
 def _shown(text: str, enc: EncodedCase) -> str:
     """The completion as an editor would show it: up to the end of the fix's last line."""
     n_lines = enc.target_text.count("\n")
@@ -109,7 +99,7 @@ def _encode_checked(lm: LoadedModel, cases: list[RepairCase]) -> tuple[list[Enco
     encoded = [encode_case(lm, c) for c in cases]
     texts = []
     for i, enc in enumerate(encoded):
-        ok, text = _greedy(lm, enc)
+        ok, text = writes_fix(lm, enc)
         if ok:
             where = f"case {i + 1}: " if len(cases) > 1 else ""
             raise RepairInputError(f"{where}the model already writes this fix: nothing to repair")
@@ -152,7 +142,7 @@ def repair(
             snapshot.restore()
             raise
         method_seconds += time.perf_counter() - method_started
-        after = [(_greedy(lm, e), teacher_forced_argmax(lm, e)) for e in encoded]
+        after = [(writes_fix(lm, e), teacher_forced_argmax(lm, e)) for e in encoded]
         reports = [_case_report(lm, e, b, a) for e, b, a in zip(encoded, before, after)]
         fixed = all(r.fixed for r in reports)
         over_budget = None

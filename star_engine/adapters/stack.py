@@ -31,7 +31,7 @@ import torch
 
 from ..capture import encode_case
 from ..case import RepairCase, RepairInputError
-from ..generate import writes
+from ..generate import writes_fix
 from ..model import LoadedModel
 from .folder import AdapterFolder, Manifest, PatchInfo, copy_adapter_dir, dir_signature, read_meta, unpack_archive
 from .format import (
@@ -46,9 +46,6 @@ from .format import (
     meta_cases,
     valid_name,
 )
-
-_DECODE_SLACK = 4   # as in star_engine.repair: greedy decoding may spell the fix with more tokens
-
 
 @dataclass
 class VerifyRow:
@@ -78,12 +75,12 @@ def _excerpt(text: str, n: int = 40) -> str:
 
 
 def check_case(lm: LoadedModel, case: RepairCase) -> tuple[bool, str]:
-    """Does greedy decoding write the case's fix now? (Same test as the repair driver's.)"""
+    """Does greedy decoding write the case's fix now? (The repair driver's check.)"""
     try:
         enc = encode_case(lm, case)
     except RepairInputError as e:
         return False, f"(cannot check: {e})"
-    ok, text = writes(lm, enc.prompt_ids, enc.target_text, len(enc.target_ids) + _DECODE_SLACK)
+    ok, text = writes_fix(lm, enc)
     return ok, text.split("\n")[0] if "\n" not in case.fix.strip("\n") else text
 
 

@@ -16,9 +16,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..capture import encode, target_text
+from ..capture import encode, encode_case, target_text
 from ..case import RepairCase
-from ..generate import greedy_ids, writes
+from ..generate import greedy_ids, writes_fix
 from ..model import LoadedModel
 
 TEMPLATES = {
@@ -121,12 +121,11 @@ def build(lm: LoadedModel, records: list[dict], *, kind: str, limit: int, seed: 
         r = records[idx]
         checked += 1
         case = RepairCase(prompt=prompt_for(kind, r["intent"]), fix=r["target"])
-        text = target_text(case.fix)
-        target_ids = encode(lm, text)
-        if len(target_ids) > max_target_tokens:
+        enc = encode_case(lm, case)
+        if len(enc.target_ids) > max_target_tokens:
             too_long += 1
             continue
-        if writes(lm, encode(lm, case.prompt), text, len(target_ids) + 4)[0]:
+        if writes_fix(lm, enc)[0]:
             right += 1
             continue
         used.add(idx)

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field
 
 from ..adapters import AdapterError, PatchStack
 from ..adapters.format import WEIGHTS_NAME, encode_result
-from ..capture import encode, target_text
+from ..capture import encode_case
 from ..case import RepairInputError
-from ..generate import writes
+from ..generate import writes_fix
 from ..guard import GuardConfig
 from ..locality import behaviour, compare, held_windows
 from ..methods import get_method
@@ -120,9 +120,7 @@ def run_independent(lm: LoadedModel, data: BenchData, variant: Variant, tick: Ca
 
 
 def _writes(lm: LoadedModel, bc) -> bool:
-    text = target_text(bc.case.fix)
-    ids = encode(lm, text)
-    return writes(lm, encode(lm, bc.case.prompt), text, len(ids) + 4)[0]
+    return writes_fix(lm, encode_case(lm, bc.case))[0]
 
 
 def run_sequential(lm: LoadedModel, data: BenchData, variant: Variant, tick: Callable[[], None] = lambda: None,
