@@ -8,12 +8,14 @@ import logging
 import os
 import sys
 
+from star_engine.model import DEFAULT_MODEL
+
 from .settings import MULTILINE_MODES, Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = Settings()
-    parser.add_argument("--model", help="embedded model name, HF directory or .gguf file (default: smollm2-135m)")
+    parser.add_argument("--model", help=f"embedded model name, HF directory or .gguf file (default: {DEFAULT_MODEL})")
     parser.add_argument("--adapters", metavar="DIR", help="the patch stack folder (default: the user data dir)")
     parser.add_argument("--stdio", action="store_true", help="serve over stdio (the default; accepted for LSP clients)")
     parser.add_argument("--tcp", metavar="HOST:PORT", help="serve over TCP instead of stdio")

@@ -17,6 +17,7 @@ from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcRequ
 
 from star_engine.case import RepairCase, RepairInputError
 from star_engine.session import RepairCancelled
+from star_engine.text import excerpt
 
 from .documents import BadPosition, offset_at, open_document, position_arg
 from .engine_host import RepairBusy, worker_pool
@@ -53,11 +54,6 @@ def _string(obj: dict, name: str, *, allow_empty: bool = True) -> str:
     if not allow_empty and not value.strip():
         raise JsonRpcInvalidParams(f"{name} is empty")
     return value
-
-
-def _short(text: str, n: int = 40) -> str:
-    text = text.replace("\n", "⏎")
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 class FixService:
@@ -113,7 +109,7 @@ class FixService:
         context = Context.at(doc.source, offset, self.server.completions._budget(settings))
         self.cancel_events.add(cancel)
         progress = await self._progress_begin(wrong, fix, cancel)
-        self.server.status.update(repairing=f"repairing: {_short(wrong, 24)} → {_short(fix, 24)}")
+        self.server.status.update(repairing=f"repairing: {excerpt(wrong, 24)} → {excerpt(fix, 24)}")
         loop = asyncio.get_running_loop()
 
         def work():
@@ -170,7 +166,7 @@ class FixService:
                 log.info("no progress for the repair: %s", e)
                 token = None
         progress = _Progress(ls, token)
-        progress.begin(f"{_short(wrong or '(empty)')} → {_short(fix)}", cancel)
+        progress.begin(f"{excerpt(wrong or '(empty)')} → {excerpt(fix)}", cancel)
         return progress
 
     # -- star.patches.* --------------------------------------------------------------------------------
@@ -192,7 +188,7 @@ class FixService:
         if info is None:
             return {"removed": None, "message": "STAR: no patch to undo"}
         data = info_json(info)
-        return {"removed": data["id"], "message": f"STAR: undid patch {data['id']} ({_short(data['fix'])})"}
+        return {"removed": data["id"], "message": f"STAR: undid patch {data['id']} ({excerpt(data['fix'])})"}
 
     async def set_enabled(self, args: tuple) -> dict:
         obj = _arg_object(args, "id", "enabled")

@@ -33,6 +33,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, replace
 
+from star_engine.text import indent_width
+
 # Characters of context kept per token of budget: generous, so the token budget is what binds.
 CHARS_PER_TOKEN = 8
 SUFFIX_SHARE = 4          # with FIM, the suffix gets 1/SUFFIX_SHARE of the budget
@@ -102,10 +104,6 @@ class Prompt:
         return self.heal + fix
 
 
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip(" \t"))
-
-
 def _last_nonblank(lines: list[str]) -> str | None:
     for line in reversed(lines):
         if line.strip():
@@ -122,14 +120,14 @@ def decide_mode(prefix: str, line_after: str, multiline: str) -> tuple[bool, int
     lines = prefix.split("\n")
     before = lines[-1]
     if before.strip():
-        anchor, base = before, _indent(before) + 1
+        anchor, base = before, indent_width(before) + 1
     else:
         anchor = _last_nonblank(lines[:-1]) or ""
-        base = max(len(before), _indent(anchor) + 1)
+        base = max(len(before), indent_width(anchor) + 1)
     if anchor.rstrip().endswith(BLOCK_OPENERS) and not anchor.lstrip().startswith("#"):
         return True, base
     if multiline == "always":
-        return True, _indent(before) if before.strip() else len(before)
+        return True, indent_width(before) if before.strip() else len(before)
     return False, 0
 
 

@@ -6,6 +6,8 @@ are added anywhere: completion, repair and evaluation all see the same inputs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .case import EncodedCase, FailurePoint, RepairCase, RepairInputError
@@ -44,7 +46,8 @@ def teacher_forced_argmax(lm: LoadedModel, enc: EncodedCase) -> list[int]:
     return logits[start : start + len(enc.target_ids)].argmax(-1).tolist()
 
 
-def token_exact_match(predicted: list[int], target: tuple[int, ...]) -> float:
+def token_exact_match(predicted: Sequence[int], target: Sequence[int]) -> float:
+    """The share of target tokens that are the model's prediction at their position."""
     return sum(p == t for p, t in zip(predicted, target)) / len(target)
 
 

@@ -15,6 +15,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from .capture import encode
 from .case import EncodedCase
 from .model import LoadedModel
+from .text import indent_width
 
 # Greedy decoding may spell a fix with another (longer) tokenisation than the fix's own; and what it writes
 # instead is shown as a whole wrong line, within an editor-sized budget.
@@ -26,10 +27,6 @@ class GenerationCancelled(Exception):
     pass
 
 
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip(" \t"))
-
-
 def cut_completion(text: str, multiline: bool, base_indent: int = 0) -> tuple[str, bool]:
     """Cut generated text at the editor's natural end. Returns (completion, ended)."""
     if not multiline:
@@ -37,7 +34,7 @@ def cut_completion(text: str, multiline: bool, base_indent: int = 0) -> tuple[st
         return head, bool(sep)
     lines = text.split("\n")
     for i, line in enumerate(lines[1:-1] if len(lines) > 1 else [], start=1):
-        if not line.strip() or _indent(line) < base_indent:
+        if not line.strip() or indent_width(line) < base_indent:
             return "\n".join(lines[:i]), True
     return text, False
 

@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from star_engine.bench.data import Scored
-from star_engine.bench.metrics import CaseOutcome, Score, score, specificity, summarise, token_em
+from star_engine.bench.metrics import CaseOutcome, Score, score, specificity, summarise
+from star_engine.capture import token_exact_match
 
 
 def test_token_exact_match():
-    assert token_em([1, 2, 3], [1, 2, 4]) == pytest.approx(2 / 3)
-    assert token_em([7], [7]) == 1.0
-    assert token_em([0, 0], [1, 2]) == 0.0
+    assert token_exact_match([1, 2, 3], [1, 2, 4]) == pytest.approx(2 / 3)
+    assert token_exact_match([7], [7]) == 1.0
+    assert token_exact_match([0, 0], [1, 2]) == 0.0
 
 
 def test_specificity_counts_changed_lines_and_loglik_shift():
@@ -61,7 +62,7 @@ def test_batched_scores_equal_one_at_a_time(tiny_lm):
         assert list(one.predicted) == rows.argmax(-1).tolist()
         want = float(rows[torch.arange(len(item.cont_ids)), torch.tensor(item.cont_ids)].mean())
         assert one.loglik == pytest.approx(want, abs=1e-4)
-        assert one.em == token_em(one.predicted, item.cont_ids)
+        assert one.em == token_exact_match(one.predicted, item.cont_ids)
 
 
 def test_a_continuation_that_is_the_models_own_argmax_is_exact(tiny_llama):

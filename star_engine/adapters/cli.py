@@ -14,6 +14,9 @@ import argparse
 import json
 import sys
 
+from ..model import DEFAULT_MODEL
+from ..text import excerpt
+
 
 def _common(parser, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
@@ -24,7 +27,7 @@ def _common(parser, suppress: bool) -> None:
         metavar="DIR",
         help="adapters folder (default: $STAR_ADAPTERS_DIR or the user data dir, e.g. ~/.local/share/star/adapters)",
     )
-    parser.add_argument("--model", default=default, help="model the stack belongs to (default: smollm2-135m)")
+    parser.add_argument("--model", default=default, help=f"model the stack belongs to (default: {DEFAULT_MODEL})")
 
 
 def register(sub) -> None:
@@ -74,7 +77,7 @@ def _stack(args):
     from ..model import load_model
     from .stack import PatchStack
 
-    print(f"loading {args.model or 'smollm2-135m'} ...", file=sys.stderr, flush=True)
+    print(f"loading {args.model or DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
     stack = PatchStack(load_model(args.model), args.adapters_dir)
     for message in stack.load():
         _warn(message)
@@ -92,8 +95,7 @@ def _safe(text) -> str:
 
 
 def _cut(text: str, n: int) -> str:
-    text = _safe(text.strip().replace("\n", "⏎"))
-    return text if len(text) <= n else text[: n - 1] + "…"
+    return _safe(excerpt(text, n))
 
 
 def _warn(message: str) -> None:

@@ -33,6 +33,7 @@ from ..capture import encode_case
 from ..case import RepairCase, RepairInputError
 from ..generate import writes_fix
 from ..model import LoadedModel
+from ..text import excerpt
 from .folder import AdapterFolder, Manifest, PatchInfo, copy_adapter_dir, dir_signature, read_meta, unpack_archive
 from .format import (
     MAX_BYTES,
@@ -67,11 +68,6 @@ class RegressionError(AdapterError):
     def __init__(self, message: str, rows: list[VerifyRow]):
         super().__init__(message)
         self.rows = rows
-
-
-def _excerpt(text: str, n: int = 40) -> str:
-    text = text.strip().replace("\n", "⏎")
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def check_case(lm: LoadedModel, case: RepairCase) -> tuple[bool, str]:
@@ -319,7 +315,7 @@ class PatchStack:
         more = f" (and {len(rows) - 1} more)" if len(rows) > 1 else ""
         return (
             f"it breaks {len(rows)} case(s) fixed by earlier patches: {first.id} case {first.case} "
-            f"({_excerpt(first.prompt)!s}) now writes {_excerpt(first.wrote)!r} instead of {_excerpt(first.fix)!r}{more}"
+            f"({excerpt(first.prompt)!s}) now writes {excerpt(first.wrote)!r} instead of {excerpt(first.fix)!r}{more}"
         )
 
     # -- mutations -------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..capture import token_exact_match
 from ..model import LoadedModel
 from .data import Scored
 
@@ -27,10 +28,6 @@ class Score:
     exact: bool        # every token is the argmax
     loglik: float      # mean log-probability of the continuation's tokens
     predicted: tuple[int, ...] = ()   # the argmax at each continuation position
-
-
-def token_em(predicted: Sequence[int], reference: Sequence[int]) -> float:
-    return sum(p == t for p, t in zip(predicted, reference)) / len(reference)
 
 
 @torch.no_grad()
@@ -54,7 +51,7 @@ def score(lm: LoadedModel, items: Sequence[Scored], batch: int = 16) -> list[Sco
             cont = torch.tensor(s.cont_ids)
             predicted = lp.argmax(-1).tolist()
             out.append(Score(
-                em=token_em(predicted, s.cont_ids),
+                em=token_exact_match(predicted, s.cont_ids),
                 exact=predicted == list(s.cont_ids),
                 loglik=float(lp.gather(1, cont[:, None]).mean()),
                 predicted=tuple(predicted),
