@@ -186,10 +186,10 @@ class CompletionService:
             shown.accepted = True
             self.stats.accepted += 1
 
-    def last_shown(self, uri: str, position: types.Position | None = None) -> Shown | None:
-        """The latest completion shown (or accepted) in `uri`, at `position` if given."""
+    def last_shown(self, uri: str) -> Shown | None:
+        """The latest completion shown (or accepted) in `uri`."""
         for shown in reversed(self.shown.values()):
-            if shown.uri == uri and (position is None or shown.position == position):
+            if shown.uri == uri:
                 return shown
         return None
 

@@ -43,9 +43,9 @@ class StatusBoard:
             setattr(self, name, value)
         self.publish()
 
-    def publish(self, force: bool = False) -> None:
+    def publish(self) -> None:
         now = self.current()
-        if force or now != self._last:
+        if now != self._last:
             self._last = now
             try:
                 self._send(now)

@@ -24,18 +24,14 @@ class ArchSpec:
     conv1d: bool = False   # GPT-2 Conv1D stores the weight as (d_ff, d): neurons are rows, not columns
 
 
-def _spec(family, blocks, mlp, out_proj, final_norm, **kw) -> ArchSpec:
-    return ArchSpec(family, blocks, mlp, out_proj, final_norm, **kw)
-
-
 # model_type (from the HF config) -> where things are
 REGISTRY: dict[str, ArchSpec] = {
-    "llama": _spec("llama", "model.layers", "mlp", "down_proj", "model.norm"),
-    "qwen2": _spec("qwen2", "model.layers", "mlp", "down_proj", "model.norm"),
-    "mistral": _spec("mistral", "model.layers", "mlp", "down_proj", "model.norm"),
-    "gpt2": _spec("gpt2", "transformer.h", "mlp", "c_proj", "transformer.ln_f", conv1d=True),
-    "starcoder2": _spec("starcoder2", "model.layers", "mlp", "c_proj", "model.norm"),
-    "codegen": _spec("codegen", "transformer.h", "mlp", "fc_out", "transformer.ln_f"),
+    "llama": ArchSpec("llama", "model.layers", "mlp", "down_proj", "model.norm"),
+    "qwen2": ArchSpec("qwen2", "model.layers", "mlp", "down_proj", "model.norm"),
+    "mistral": ArchSpec("mistral", "model.layers", "mlp", "down_proj", "model.norm"),
+    "gpt2": ArchSpec("gpt2", "transformer.h", "mlp", "c_proj", "transformer.ln_f", conv1d=True),
+    "starcoder2": ArchSpec("starcoder2", "model.layers", "mlp", "c_proj", "model.norm"),
+    "codegen": ArchSpec("codegen", "transformer.h", "mlp", "fc_out", "transformer.ln_f"),
 }
 
 

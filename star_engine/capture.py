@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .case import EncodedCase, FailurePoint, RepairCase, RepairInputError
+from .case import EncodedCase, RepairCase, RepairInputError
 from .model import LoadedModel
 
 
@@ -49,12 +49,3 @@ def teacher_forced_argmax(lm: LoadedModel, enc: EncodedCase) -> list[int]:
 def token_exact_match(predicted: Sequence[int], target: Sequence[int]) -> float:
     """The share of target tokens that are the model's prediction at their position."""
     return sum(p == t for p, t in zip(predicted, target)) / len(target)
-
-
-def failures(lm: LoadedModel, enc: EncodedCase, case_index: int = 0) -> list[FailurePoint]:
-    predicted = teacher_forced_argmax(lm, enc)
-    return [
-        FailurePoint(case_index, i, enc.context(i), t, p)
-        for i, (p, t) in enumerate(zip(predicted, enc.target_ids))
-        if p != t
-    ]

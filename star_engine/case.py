@@ -20,10 +20,6 @@ class RepairCase:
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "fix": self.fix, "wrong": self.wrong}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "RepairCase":
-        return cls(prompt=d["prompt"], fix=d["fix"], wrong=d.get("wrong"))
-
 
 @dataclass(frozen=True)
 class EncodedCase:

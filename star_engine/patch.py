@@ -28,9 +28,6 @@ class Patch:
     def layer_ids(self) -> list[int]:
         return sorted(self.layers)
 
-    def neurons(self) -> dict[int, list[int]]:
-        return {l: self.layers[l].columns.tolist() for l in self.layer_ids}
-
 
 @dataclass
 class SavedColumns:

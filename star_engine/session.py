@@ -49,9 +49,6 @@ class RepairSession:
         if self._progress:
             self._progress(message, fraction)
 
-    def all_correct(self) -> bool:
-        return all(teacher_forced_argmax(self.lm, enc) == list(enc.target_ids) for enc in self.cases)
-
     def failing_points(self) -> Iterator[FailurePoint]:
         """Each failing position in turn, re-predicted on the weights as they are when it is reached."""
         for _ in range(self.max_passes):
