@@ -18,7 +18,8 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +27,7 @@ import torch
 from star_engine.case import RepairCase
 from star_engine.guard import GuardConfig, guard_for
 from star_engine.model import LoadedModel, load_model
-from star_engine.repair import RepairResult, repair, undo
-from star_engine.session import RepairCancelled
+from star_engine.repair import RepairResult, keep_or_undo, repair
 
 from .generation import Generated, Generator
 from .patches import open_stack
@@ -189,25 +189,9 @@ class EngineHost:
                 result = repair(self.workbench, [case], method, protect=self.stack.cases(), cancel=cancel,
                                 guard=guard_for(locality_budget),
                                 progress=progress)
-                info = None
-                if result.fixed and cancel is not None and cancel.is_set():
-                    # Cancelled before the commit (stack.add): truly cancelled, the weights restored bit
-                    # for bit and nothing written. A cancel from here on finds the patch kept.
-                    undo(self.workbench, result)
-                    raise RepairCancelled("cancelled before the patch was saved")
+                result, info = keep_or_undo(self.workbench, result, self.stack.add, cancel=cancel)
                 if result.fixed:
-                    try:
-                        info = self.stack.add(result)
-                    except ValueError as e:   # the stack refused it (e.g. it breaks an earlier fix)
-                        undo(self.workbench, result)
-                        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                        result = replace(result, fixed=False, reason=f"the patch was not kept: {first}",
-                                         patch=None, saved=None)
-                    except BaseException:
-                        undo(self.workbench, result)
-                        raise
-                    else:
-                        self._switch()
+                    self._switch()
         finally:
             self._repairing.release()
         if result.fixed:
@@ -221,14 +205,32 @@ class EngineHost:
     def patches(self) -> list:
         return list(self.stack.list())
 
-    def mutate(self, operation: str, *args):
-        """Run a patch-stack operation (undo_last, set_enabled, remove, import_) and switch weights."""
+    def undo_last(self):
+        with self._changing_stack("undo_last"):
+            return self.stack.undo_last()
+
+    def set_enabled(self, patch_id: str, enabled: bool):
+        with self._changing_stack("set_enabled"):
+            return self.stack.set_enabled(patch_id, enabled)
+
+    def remove(self, patch_id: str):
+        with self._changing_stack("remove"):
+            return self.stack.remove(patch_id)
+
+    def import_(self, path: str):
+        with self._changing_stack("import_"):
+            return self.stack.import_(path)
+
+    @contextmanager
+    def _changing_stack(self, reason: str):
+        """Around a patch-stack change: the stack's lock, then (whatever happened) the serving weights
+        switched to the workbench's and the change announced."""
         with self.stack.lock:
             try:
-                return getattr(self.stack, operation)(*args)
+                yield
             finally:
                 self._switch()
-                self._changed(operation)
+                self._changed(reason)
 
     def export(self, patch_id: str, path: str):
         with self.stack.lock:

@@ -184,7 +184,7 @@ class FixService:
         return [info_json(p) for p in await self._stack_call(self.server.host.patches)]
 
     async def undo_last(self) -> dict:
-        info = await self._stack_call(self.server.host.mutate, "undo_last")
+        info = await self._stack_call(self.server.host.undo_last)
         if info is None:
             return {"removed": None, "message": "STAR: no patch to undo"}
         data = info_json(info)
@@ -195,17 +195,17 @@ class FixService:
         if not isinstance(obj["enabled"], bool):
             raise JsonRpcInvalidParams("enabled must be true or false")
         patch_id = _string(obj, "id", allow_empty=False)
-        await self._stack_call(self.server.host.mutate, "set_enabled", patch_id, obj["enabled"])
+        await self._stack_call(self.server.host.set_enabled, patch_id, obj["enabled"])
         return {"id": patch_id, "enabled": obj["enabled"]}
 
     async def remove(self, args: tuple) -> dict:
         patch_id = _string(_arg_object(args, "id"), "id", allow_empty=False)
-        await self._stack_call(self.server.host.mutate, "remove", patch_id)
+        await self._stack_call(self.server.host.remove, patch_id)
         return {"removed": patch_id}
 
     async def import_(self, args: tuple) -> dict:
         path = _string(_arg_object(args, "path"), "path", allow_empty=False)
-        info = await self._stack_call(self.server.host.mutate, "import_", path)
+        info = await self._stack_call(self.server.host.import_, path)
         data = info_json(info)
         return {"id": data["id"], "message": f"STAR: imported patch {data['id']} from {path}"}
 

@@ -95,16 +95,17 @@ def cmd_model_list(args) -> int:
 
 def cmd_repair(args) -> int:
     from .case import RepairCase
-    from .repair import repair
+    from .repair import keep_or_undo, repair
 
     case = RepairCase(prompt=_read(args.prompt, args.prompt_file, "prompt"), fix=_read(args.fix, args.fix_file, "fix"))
     lm = _load(args)
     result = repair(lm, [case], args.method, parse_settings(args.set), guard=guard_for(args.locality_budget))
     saved = None
-    if args.save and result.fixed:
+    if args.save:
         from .adapters import save_adapter
 
-        saved = str(save_adapter(lm, result, args.save))
+        result, path = keep_or_undo(lm, result, lambda r: save_adapter(lm, r, args.save))
+        saved = str(path) if path else None
     if args.json:
         print(json.dumps(result.to_json() | {"adapter": saved}))
     else:

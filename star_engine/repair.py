@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import TypeVar
 
+from .adapters.format import AdapterError
 from .capture import encode_case, teacher_forced_argmax, token_exact_match
 from .case import EncodedCase, RepairCase, RepairInputError
 from .generate import writes_fix
@@ -17,6 +20,9 @@ from .methods import get_method
 from .model import LoadedModel
 from .patch import Patch, SavedColumns, WeightSnapshot, restore_columns
 from .session import Progress, RepairCancelled, RepairSession
+
+T = TypeVar("T")
+
 
 @dataclass
 class TokenReport:
@@ -232,4 +238,27 @@ def undo(lm: LoadedModel, result: RepairResult) -> None:
         restore_columns(lm.arch, result.saved)
 
 
-__all__ = ["RepairCancelled", "RepairInputError", "RepairResult", "repair", "undo"]
+def keep_or_undo(lm: LoadedModel, result: RepairResult, keep: Callable[[RepairResult], T], *,
+                 cancel: threading.Event | None = None) -> tuple[RepairResult, T | None]:
+    """The one policy for a fixed repair, the server's and `star repair --save`'s: `keep` persists it (the
+    patch stack's add, save_adapter) and is its commit point. A cancel set before it raises RepairCancelled;
+    a refusal (an AdapterError: it breaks an earlier fix, the directory exists) gives back the result as not
+    fixed, with the refusal as its reason; in both cases, and on any other error, the weights are restored
+    exactly. Returns the result and what `keep` returned (None when nothing was kept)."""
+    if not result.fixed:
+        return result, None
+    if cancel is not None and cancel.is_set():
+        undo(lm, result)
+        raise RepairCancelled("cancelled before the patch was saved")
+    try:
+        return result, keep(result)
+    except AdapterError as e:
+        undo(lm, result)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return replace(result, fixed=False, reason=f"the patch was not kept: {first}", patch=None, saved=None), None
+    except BaseException:
+        undo(lm, result)
+        raise
+
+
+__all__ = ["RepairCancelled", "RepairInputError", "RepairResult", "keep_or_undo", "repair", "undo"]

@@ -646,12 +646,18 @@ def test_cli_round_trip(star_adapters, tiny_model_dir, tmp_path):
 
 
 def test_cli_repair_save_writes_a_peft_adapter(tiny_model_dir, tmp_path):
-    code, out, err = run_cli(
-        "repair", "--model", str(tiny_model_dir), "--locality-budget", "1", "--prompt", CASES[0].prompt, "--fix", CASES[0].fix,
-        "--set", "lr=0.1", "--save", str(tmp_path / "fix"), "--json",
-    )
+    def repair_and_save():
+        return run_cli("repair", "--model", str(tiny_model_dir), "--locality-budget", "1", "--prompt", CASES[0].prompt,
+                       "--fix", CASES[0].fix, "--set", "lr=0.1", "--save", str(tmp_path / "fix"), "--json")
+
+    code, out, err = repair_and_save()
     assert code == 0, err
     assert json.loads(out)["adapter"] == str(tmp_path / "fix")
     assert json.loads((tmp_path / "fix" / CONFIG_NAME).read_text())["base_model_name_or_path"] == str(
         tiny_model_dir.resolve()
     )
+    # the server's keep-or-undo policy: a patch that cannot be saved is not kept, and the repair says why
+    code, out, _ = repair_and_save()
+    reply = json.loads(out)
+    assert code == 1 and not reply["fixed"] and reply["adapter"] is None
+    assert reply["reason"].startswith("the patch was not kept:") and "already exists" in reply["reason"]
