@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from ..adapters import AdapterError, PatchStack
+from ..adapters import PatchStack
 from ..adapters.format import WEIGHTS_NAME, encode_result
 from ..capture import encode_case
 from ..case import RepairInputError
@@ -17,7 +17,7 @@ from ..locality import behaviour, compare, held_windows
 from ..methods import get_method
 from ..model import LoadedModel
 from ..patch import WeightSnapshot, apply_patch, restore_columns
-from ..repair import repair, undo
+from ..repair import keep_or_undo, repair, undo
 from .data import BenchData
 from .metrics import CaseOutcome, score, specificity, summarise
 
@@ -146,12 +146,10 @@ def run_sequential(lm: LoadedModel, data: BenchData, variant: Variant, tick: Cal
                 seconds += result.seconds
                 if not result.fixed:
                     unfixed += 1
+                elif keep_or_undo(lm, result, stack.add)[0].fixed:
+                    kept.append(i)
                 else:
-                    try:
-                        stack.add(result)
-                        kept.append(i)
-                    except AdapterError:
-                        refused += 1
+                    refused += 1
                 tick()
             held_at_end = [i for i in kept if _writes(lm, data.cases[i])]
             final = compare(base, behaviour(lm, held))
