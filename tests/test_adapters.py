@@ -414,6 +414,23 @@ def test_bad_adapters_are_rejected_with_one_line_and_change_nothing(kind, good_a
         assert same_weights(tiny_llama, before) and folder_listing(tmp_path / "mine") == listing
 
 
+@pytest.mark.parametrize("selection, targeted", [
+    ({"exclude_modules": ["model.layers.1.mlp.down_proj"]}, False),
+    ({"layers_to_transform": [2]}, False),
+    ({"layers_to_transform": [1, 2]}, True),
+])
+def test_the_modules_an_adapter_targets_are_those_peft_targets(selection, targeted, good_adapter, tokenizer):
+    config = json.loads((good_adapter / CONFIG_NAME).read_text())
+    config |= {"target_modules": ["down_proj"]} | selection            # peft's suffix match, then the selection
+    (good_adapter / CONFIG_NAME).write_text(json.dumps(config))
+    lm = make_tiny("llama", tokenizer)
+    if targeted:
+        assert sorted(load_adapter(lm, good_adapter).patch.layers) == [1, 2]
+    else:
+        with pytest.raises(AdapterError, match="does not target model.layers.1.mlp.down_proj"):
+            load_adapter(lm, good_adapter)
+
+
 def test_an_adapter_for_another_model_is_rejected(good_adapter, tokenizer, tmp_path):
     for lm, message in [
         (make_tiny("llama", tokenizer, seed=1), "different base model"),   # same shapes, other weights

@@ -49,7 +49,7 @@ _EXPORTS = {
     "default_folder": "folder",
     "MAX_BYTES": "format",
     "Adapter": "format",
-    "AdapterError": "format",
+    "AdapterError": "untrusted",
     "load_adapter": "format",
     "save_adapter": "format",
     "PatchStack": "stack",

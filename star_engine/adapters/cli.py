@@ -145,26 +145,24 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from .folder import read_meta
+    from .sidecar import read_sidecar_or_none
 
     folder = _folder(args)
     manifest, _, _ = folder.state()
     adapter_id = folder.resolve(args.id, manifest.order)
     info = folder.info(adapter_id, manifest.enabled[adapter_id])
-    meta = read_meta(info.path)
+    sidecar = read_sidecar_or_none(info.path)
     if args.json:
-        print(json.dumps(info.to_json() | {"star": meta}, indent=2))
+        print(json.dumps(info.to_json() | {"star": sidecar.to_json() if sidecar else {}}, indent=2))
         return 0
-    base = meta.get("base_model") or {}
-    if not isinstance(base, dict):
-        base = {}
     print(f"id:       {_safe(info.id)}")
     print(f"name:     {_safe(info.name)}")
     print(f"enabled:  {'yes' if info.enabled else 'no'}")
     print(f"created:  {_safe(info.created)}")
-    print(f"method:   {_safe(info.method)} {json.dumps(meta.get('config') or {})}")
-    print(f"model:    {_safe(base.get('name', '?'))} ({_safe(base.get('model_type', '?'))}, "
-          f"{_safe(base.get('n_layers', '?'))} layers)")
+    print(f"method:   {_safe(info.method)} {json.dumps((sidecar.config if sidecar else None) or {})}")
+    if sidecar:
+        base = sidecar.base_model
+        print(f"model:    {_safe(base.name or '?')} ({_safe(base.model_type)}, {base.n_layers} layers)")
     print(f"patch:    {info.neurons} neuron(s) in {_layers(info.layers)}")
     print(f"size:     {_size(info.size_bytes)}  ({_safe(info.path)})")
     for n, c in enumerate(info.cases, start=1):

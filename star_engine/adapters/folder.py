@@ -17,39 +17,25 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 import zipfile
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import platformdirs
+from filelock import FileLock
 
-from .format import (
-    ADAPTER_FILES,
-    MAX_BYTES,
-    MAX_JSON_BYTES,
-    META_NAME,
-    WEIGHTS_NAME,
-    AdapterError,
-    atomic_write_file,
-    atomic_write_with,
-    clean_dead_temps,
-    meta_cases,
-    read_regular_file,
-    valid_name,
-)
+from .atomic import atomic_write_file, atomic_write_with, clean_dead_temps
+from .format import ADAPTER_FILES, MAX_BYTES, META_NAME, WEIGHTS_NAME, valid_name
+from .sidecar import read_sidecar_or_none
+from .untrusted import MAX_JSON_BYTES, AdapterError, is_pickle, read_regular_file
 
 MANIFEST = "stack.json"
 MANIFEST_VERSION = 1
 ARCHIVE_SUFFIX = ".star.zip"
 _STALE_SECONDS = 3600      # leftover temp dirs older than this are deleted on load
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: in-process locking only
-    fcntl = None
 
 
 def default_folder() -> Path:
@@ -110,16 +96,6 @@ class PatchInfo:
         }
 
 
-def read_meta(directory: Path) -> dict:
-    """star.json, tolerantly (for listing): {} when missing or unreadable (also when it is not a regular
-    file, a link, or too large: never blocks, never reads more than the cap)."""
-    try:
-        data = json.loads(read_regular_file(directory / META_NAME, MAX_JSON_BYTES, META_NAME))
-        return data if isinstance(data, dict) else {}
-    except (AdapterError, ValueError, RecursionError):
-        return {}
-
-
 def dir_signature(directory: Path) -> tuple:
     """Changes when any file of the directory is added, removed, resized or rewritten."""
     try:
@@ -130,33 +106,17 @@ def dir_signature(directory: Path) -> tuple:
 
 class AdapterFolder:
     """The folder: manifest, adapter directories, archives. Safe against concurrent writers in other
-    processes (an flock on `.lock`) and in this one (a lock)."""
+    processes and threads (a reentrant file lock on `.lock`)."""
 
     def __init__(self, path=None):
         self.path = Path(path).expanduser() if path is not None else default_folder()
-        self._tlock = threading.RLock()
-        self._depth = 0
-        self._lock_fd = None
-
-    # -- locking ------------------------------------------------------------------------------------------
+        self._lock = FileLock(self.path / ".lock")
 
     @contextmanager
     def locked(self):
-        with self._tlock:
-            if self._depth == 0:
-                self.path.mkdir(parents=True, exist_ok=True)
-                if fcntl is not None:
-                    self._lock_fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-                if self._depth == 0 and self._lock_fd is not None:
-                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-                    os.close(self._lock_fd)
-                    self._lock_fd = None
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            yield
 
     # -- reading --------------------------------------------------------------------------------------------
 
@@ -198,10 +158,14 @@ class AdapterFolder:
         for gone in [i for i in stored.order if i not in present]:
             messages.append(f"{gone}: its directory is gone; dropped from the stack")
         order = [i for i in stored.order if i in present]
-        new = sorted(present - set(order), key=lambda i: (str(read_meta(self.path / i).get("created", "")), i))
+        new = sorted(present - set(order), key=lambda i: (self._created(i), i))
         order += new
         enabled = {i: stored.enabled.get(i, True) for i in order}
         return Manifest(order, enabled), new, messages
+
+    def _created(self, adapter_id: str) -> str:
+        sidecar = read_sidecar_or_none(self.path / adapter_id)
+        return (sidecar.created if sidecar else None) or ""
 
     def write_manifest(self, manifest: Manifest) -> None:
         with self.locked():
@@ -221,25 +185,25 @@ class AdapterFolder:
 
     def info(self, adapter_id: str, enabled: bool, applied: bool = False, problem: str | None = None) -> PatchInfo:
         directory = self.path / adapter_id
-        meta = read_meta(directory)
-        neurons = meta.get("n_neurons")
+        sidecar = read_sidecar_or_none(directory)
         try:
             size = sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(directory)
                        if e.is_file(follow_symlinks=False))
         except OSError:
             size = 0
-        if not meta and problem is None:
-            problem = f"no readable {META_NAME}"
+        if sidecar is None:
+            return PatchInfo(adapter_id, adapter_id, enabled, applied, "?", "", [], [], 0, size, directory,
+                             problem or f"no readable {META_NAME}")
         return PatchInfo(
             id=adapter_id,
-            name=str(meta.get("name") or adapter_id),
+            name=sidecar.name or adapter_id,
             enabled=enabled,
             applied=applied,
-            method=str(meta.get("method") or "?"),
-            created=str(meta.get("created") or ""),
-            cases=meta_cases(meta),
-            layers=[int(l) for l in meta.get("layers") or [] if isinstance(l, int)],
-            neurons=int(neurons) if isinstance(neurons, int) else 0,
+            method=sidecar.method or "?",
+            created=sidecar.created or "",
+            cases=sidecar.repair_cases,
+            layers=sidecar.layers or [],
+            neurons=sidecar.n_neurons or 0,
             size_bytes=size,
             path=directory,
             problem=problem,
@@ -287,7 +251,7 @@ class AdapterFolder:
         ever made under the lock (`.tmp-import-*`, `.trash-*`, the manifest's temp file) go at once; any
         other `.tmp-*` (an older star, a live pid) once older than an hour."""
         with self.locked():
-            clean_dead_temps(self.path, only_adapter_files=False)
+            clean_dead_temps(self.path)
             self._clean_old()
 
     def _clean_old(self) -> None:
@@ -362,7 +326,7 @@ def unpack_archive(archive: Path, into: Path, *, max_bytes: int = MAX_BYTES) -> 
             if (m.external_attr >> 16) & 0o170000 == 0o120000:
                 raise AdapterError(f"{archive.name}: {name!r} is a symbolic link")
             if parts[-1] not in allowed:
-                if parts[-1].lower().endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")):
+                if is_pickle(parts[-1]):
                     raise AdapterError(f"{archive.name}: {parts[-1]} is a pickle file; only safetensors are accepted")
                 raise AdapterError(f"{archive.name}: unexpected file {name!r}")
             tops.add(parts[0] if len(parts) == 2 else "")
@@ -391,7 +355,7 @@ def unpack_archive(archive: Path, into: Path, *, max_bytes: int = MAX_BYTES) -> 
                         dst.write(chunk)
                     dst.flush()
                     os.fsync(dst.fileno())
-            except (zipfile.BadZipFile, zlib_error(), EOFError, OSError) as e:
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
                 raise AdapterError(f"{archive.name} is corrupted ({e.__class__.__name__}: {str(e)[:60]})") from None
     suggested = top[: -len(".star")] if top.endswith(".star") else top
     if not suggested or not valid_name(suggested):
@@ -399,17 +363,11 @@ def unpack_archive(archive: Path, into: Path, *, max_bytes: int = MAX_BYTES) -> 
     return into, suggested
 
 
-def zlib_error():
-    import zlib
-
-    return zlib.error
-
-
 def copy_adapter_dir(src: Path, into: Path, *, max_bytes: int = MAX_BYTES) -> None:
     """Copy an adapter directory's known files into `into`: regular files only (no links, FIFOs or
     devices), each within its size cap, no pickles."""
     for p in src.iterdir():
-        if p.name.lower().endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")):
+        if is_pickle(p.name):
             raise AdapterError(f"{p.name} is a pickle file: only safetensors adapters are accepted (never pickle)")
     for name in ADAPTER_FILES:
         p = src / name

@@ -8,7 +8,7 @@ Encoding (per patched layer, whichever is smaller; both are exact and vanilla `p
 * identity: r = d, lora_B = I_d, lora_A (d, d_ff) = the dense delta (untouched columns zero).
 
 `lora_alpha = r` per module through `rank_pattern` / `alpha_pattern`, so PEFT's scale is exactly 1 and the
-applied delta is B @ A. Reading never unpickles: only safetensors, parsed and checked before any tensor
+applied delta is B @ A. Reading never unpickles: only safetensors, whose header is checked before any tensor
 is built, and nothing touches the model until every check passed.
 """
 
@@ -19,44 +19,31 @@ import json
 import math
 import os
 import re
-import shutil
-import stat
-import struct
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from types import SimpleNamespace
 
-import attrs
-import cattrs
 import numpy as np
 import torch
-from cattrs.cols import is_sequence, list_structure_factory
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..case import RepairCase
 from ..model import LoadedModel
 from ..patch import LayerDelta, Patch, SavedColumns
+from .atomic import atomic_write_dir, clean_dead_temps
+from .sidecar import FORMAT, FORMAT_VERSION, META_NAME, Sidecar, read_sidecar, sidecar_from_dict
+from .untrusted import AdapterError, is_pickle, read_json_object, read_regular_file
 
-FORMAT = "star-adapter"
-FORMAT_VERSION = 1
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-META_NAME = "star.json"
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, META_NAME)
 MAX_BYTES = 512 * 2**20            # default size limit of one adapter's weights (configurable)
-MAX_JSON_BYTES = 4 * 2**20
-MAX_HEADER_BYTES = 16 * 2**20
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2)}
+DTYPES = ("F32", "F16", "BF16")
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be used; the message is one line saying why."""
 
 
 @dataclass
@@ -65,37 +52,13 @@ class Adapter:
 
     id: str
     path: Path
-    meta: dict
-    config: dict
+    sidecar: Sidecar
     patch: Patch
-    size_bytes: int
     weights_sha256: str
-    encoding: dict[int, str] = field(default_factory=dict)
 
     @property
-    def name(self) -> str:
-        return str(self.meta.get("name") or self.id)
-
-    @property
-    def method(self) -> str:
-        return str(self.meta.get("method") or "?")
-
-    @property
-    def created(self) -> str:
-        return str(self.meta.get("created") or "")
-
-    @property
-    def cases(self) -> list[RepairCase]:
-        return meta_cases(self.meta)
-
-
-def meta_cases(meta: dict) -> list[RepairCase]:
-    out = []
-    for c in meta.get("cases") or []:
-        if isinstance(c, dict) and isinstance(c.get("prompt"), str) and isinstance(c.get("fix"), str):
-            wrong = c.get("wrong")
-            out.append(RepairCase(prompt=c["prompt"], fix=c["fix"], wrong=wrong if isinstance(wrong, str) else None))
-    return out
+    def cases(self):
+        return self.sidecar.repair_cases
 
 
 # -- fingerprint -------------------------------------------------------------------------------------------
@@ -117,11 +80,6 @@ def architecture(lm: LoadedModel) -> dict:
         "d_ff": arch.d_ff,
         "out_proj": arch.out_proj_name(0).replace(".0.", ".{layer}.", 1),
     }
-
-
-def current_digest(lm: LoadedModel):
-    """Digests of the model's weights as they are now (right for a model with no patch applied)."""
-    return lambda layer: layer_digest(lm.arch.columns(layer))
 
 
 def _base_digest_from_saved(lm: LoadedModel, saved: SavedColumns | None):
@@ -211,48 +169,49 @@ class Encoded:
 
     files: dict[str, bytes]
     weights_sha256: str
-    meta: dict
+    sidecar: Sidecar
 
     def default_id(self) -> str:
-        fix = (self.meta.get("cases") or [{}])[0].get("fix", "")
-        return f"{self.weights_sha256[:10]}-{_slug(str(self.meta.get('name') or fix))}"
+        cases = self.sidecar.cases or []
+        fix = cases[0].fix if cases else ""
+        return f"{self.weights_sha256[:10]}-{_slug(str(self.sidecar.name or fix))}"
 
 
-def encode_adapter(
-    lm: LoadedModel,
-    patch: Patch,
-    *,
-    cases: list[dict],
-    method: str,
-    config: dict,
-    metrics: dict,
-    base_digest,
-    name: str | None = None,
-) -> Encoded:
+def encode_result(lm: LoadedModel, result, *, name: str | None = None, base_digest=None) -> Encoded:
+    """A fixed RepairResult's adapter files. `base_digest(layer)` fingerprints the weights the patch applies
+    to; by default the weights as they were before the repair (the current ones with result.saved put back)."""
+    if not getattr(result, "fixed", False) or result.patch is None:
+        raise AdapterError("only a repair that fixed its case(s) can be saved")
+    patch = result.patch
     if not patch.layers:
         raise AdapterError("the patch is empty: nothing to save")
+    base_digest = base_digest or _base_digest_from_saved(lm, result.saved)
     tensors, ranks, encodings = encode_patch(lm, patch)
     weights = st_save(tensors, metadata={"format": "pt"})
     sha = hashlib.sha256(weights).hexdigest()
-    fix = cases[0]["fix"] if cases else ""
+    cases = [{"prompt": c.prompt, "wrong": c.before, "fix": c.fix} for c in result.cases]
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "name": name or fix.strip().split("\n")[0][:80],
+        "name": name or (cases[0]["fix"] if cases else "").strip().split("\n")[0][:80],
         "created": _now(),
         "base_model": {
             "name": lm.name,
             **architecture(lm),
             "weights_sha256": {str(l): base_digest(l) for l in patch.layer_ids},
         },
-        "method": method,
-        "config": config,
+        "method": result.method,
+        "config": dict(result.config),
         "cases": cases,
         "layers": patch.layer_ids,
         "neurons": {str(l): len(patch.layers[l].columns) for l in patch.layer_ids},
         "n_neurons": patch.n_neurons,
         "encoding": {str(l): encodings[l] for l in patch.layer_ids},
-        "metrics": metrics,
+        "metrics": {
+            "seconds": round(float(result.seconds), 3),
+            "reason": result.reason,
+            "cases": [{"em_before": c.em_before, "em_after": c.em_after, "after": c.after} for c in result.cases],
+        },
         "adapter_sha256": sha,
     }
     files = {
@@ -260,30 +219,7 @@ def encode_adapter(
         CONFIG_NAME: (json.dumps(peft_config(lm, ranks), indent=2) + "\n").encode(),
         META_NAME: (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode(),
     }
-    return Encoded(files, sha, meta)
-
-
-def encode_result(lm: LoadedModel, result, *, name: str | None = None, base_digest=None) -> Encoded:
-    """Encode a fixed RepairResult. `base_digest(layer)` fingerprints the weights the patch applies to;
-    by default the weights as they were before the repair (the current ones with result.saved put back)."""
-    if not getattr(result, "fixed", False) or result.patch is None:
-        raise AdapterError("only a repair that fixed its case(s) can be saved")
-    cases = [{"prompt": c.prompt, "wrong": c.before, "fix": c.fix} for c in result.cases]
-    metrics = {
-        "seconds": round(float(result.seconds), 3),
-        "reason": result.reason,
-        "cases": [{"em_before": c.em_before, "em_after": c.em_after, "after": c.after} for c in result.cases],
-    }
-    return encode_adapter(
-        lm,
-        result.patch,
-        cases=cases,
-        method=result.method,
-        config=dict(result.config),
-        metrics=metrics,
-        base_digest=base_digest or _base_digest_from_saved(lm, result.saved),
-        name=name,
-    )
+    return Encoded(files, sha, sidecar_from_dict(meta))
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -316,20 +252,7 @@ def decode_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
     return torch.from_numpy(cols).long(), torch.from_numpy(np.ascontiguousarray(delta)).clone()
 
 
-# -- atomic writes -----------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# -- writing -----------------------------------------------------------------------------------------------
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -339,87 +262,18 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write_file(path: Path, data: bytes) -> None:
-    """Write a file so that readers see either the old or the new content: temp file + fsync + rename."""
-    atomic_write_with(path, lambda f: f.write(data))
-
-
-def atomic_write_with(path: Path, fill: Callable[[BinaryIO], object]) -> None:
-    """atomic_write_file for content that `fill` streams into the open temp file (e.g. a zip archive)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_dir(target: Path, files: dict[str, bytes]) -> Path:
-    """Write a directory of files under a dot-named temp dir next to `target`, fsync, then rename it into
-    place: the directory appears complete or not at all. `target` must not exist (or be an empty dir)."""
+def write_adapter_dir(target: Path, files: dict[str, bytes]) -> Path:
+    """An adapter's files as one directory that appears complete or not at all; `target` must not exist
+    yet (or be an empty directory)."""
     target = Path(target)
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise AdapterError(f"{target} already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=parent))   # owner pid in the name
-    try:
+
+    def fill(tmp: Path) -> None:
         for name, data in files.items():
             _write_file(tmp / name, data)
-        os.chmod(tmp, 0o755)
-        _fsync_dir(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(parent)
-    return target
 
-
-TMP_PREFIX = ".tmp-"
-_OWNED_TMP = re.compile(r"^\.tmp-(\d+)-")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return pid > 0          # another user's process, or not a pid at all
-    return True
-
-
-def clean_dead_temps(parent: Path, *, only_adapter_files: bool = True) -> list[str]:
-    """Delete `.tmp-<pid>-*` directories in `parent` whose writer process is gone (killed while writing
-    an adapter). A live owner's directory is never touched; with `only_adapter_files`, neither is one that
-    holds anything but adapter files (so nothing of the user's beside a --save target). Returns the names
-    deleted."""
-    removed = []
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return removed
-    for e in entries:
-        m = _OWNED_TMP.match(e.name)
-        if m is None or not e.is_dir(follow_symlinks=False) or pid_alive(int(m.group(1))):
-            continue
-        try:
-            names = {c.name for c in os.scandir(e.path)}
-        except OSError:
-            continue
-        if only_adapter_files and not names <= set(ADAPTER_FILES):
-            continue
-        shutil.rmtree(e.path, ignore_errors=True)
-        removed.append(e.name)
-    return removed
+    return atomic_write_dir(target, fill)
 
 
 def save_adapter(lm: LoadedModel, result, directory, *, name: str | None = None) -> Path:
@@ -429,140 +283,74 @@ def save_adapter(lm: LoadedModel, result, directory, *, name: str | None = None)
     beside it by an earlier writer that was killed are deleted first."""
     encoded = encode_result(lm, result, name=name)
     directory = Path(directory).expanduser()
-    clean_dead_temps(directory.parent)
-    return atomic_write_dir(directory, encoded.files)
+    clean_dead_temps(directory.parent, only_holding=ADAPTER_FILES)
+    return write_adapter_dir(directory, encoded.files)
 
 
-# -- reading and validation --------------------------------------------------------------------------------
+# -- reading: the weights file and the config ----------------------------------------------------------------
 
 
-def read_regular_file(path: Path, limit: int, what: str) -> bytes:
-    """The bytes of `path` if it is a regular file of at most `limit` bytes; AdapterError otherwise. Never
-    follows a symbolic link (so never out of the adapter's directory), never blocks on a FIFO or a device
-    (checked with lstat before opening, opened with O_NOFOLLOW | O_NONBLOCK, checked again with fstat), and
-    never reads more than `limit` + 1 bytes, even from a file that grows while it is read."""
+def tensor_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} from a safetensors file's header, without building a tensor. Only call it on
+    a path read_regular_file accepted (a regular file, not a link: opening a FIFO would block)."""
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise AdapterError(f"{what} is missing") from None
-    except OSError as e:
-        raise AdapterError(f"cannot read {what}: {e.strerror}") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise AdapterError(f"{what} is a symbolic link (only regular files are read)")
-    if not stat.S_ISREG(st.st_mode):
-        raise AdapterError(f"{what} is not a regular file")
-    if st.st_size > limit:
-        raise AdapterError(f"{what} is too large ({st.st_size} bytes, at most {limit})")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise AdapterError(f"cannot read {what}: {e.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):        # replaced between lstat and open
-            raise AdapterError(f"{what} is not a regular file")
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as e:
-        raise AdapterError(f"cannot read {what}: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if size > limit:
-        raise AdapterError(f"{what} is too large (over {limit} bytes)")
-    return b"".join(chunks)
-
-
-def _read_json(path: Path, what: str) -> dict:
-    raw = read_regular_file(path, MAX_JSON_BYTES, what)
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise AdapterError(f"{what} is not valid JSON ({e.__class__.__name__}: {str(e)[:80]})") from None
-    if not isinstance(data, dict):
-        raise AdapterError(f"{what} is not a JSON object")
-    return data
-
-
-def parse_safetensors_header(data: bytes, *, what: str = WEIGHTS_NAME) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Check a safetensors file's framing without building tensors: {name: (dtype, shape)}."""
-    n = len(data)
-    if n < 8:
-        raise AdapterError(f"{what} is truncated ({n} bytes)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > MAX_HEADER_BYTES:
-        raise AdapterError(f"{what} is corrupted (header length {header_len})")
-    if 8 + header_len > n:
-        raise AdapterError(f"{what} is truncated (header needs {8 + header_len} bytes, file has {n})")
-    try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdapterError(f"{what} is corrupted (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise AdapterError(f"{what} is corrupted (its header is not a JSON object)")
-    body = n - 8 - header_len
-    out, end = {}, 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-            raise AdapterError(f"{what} is corrupted (bad header entry for {key!r})")
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPES:
-            raise AdapterError(f"{what}: tensor {key} has dtype {dtype}; expected F32, F16 or BF16")
-        if (
-            not isinstance(shape, list)
-            or not all(isinstance(s, int) and s >= 0 for s in shape)
-            or not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)
-        ):
-            raise AdapterError(f"{what} is corrupted (bad shape or offsets for {key!r})")
-        start, stop = offsets
-        if not 0 <= start <= stop or stop - start != math.prod(shape) * DTYPES[dtype][1]:
-            raise AdapterError(f"{what} is corrupted (offsets of {key!r} do not match its shape)")
-        if stop > body:
-            raise AdapterError(f"{what} is truncated (tensor {key} ends at byte {stop} of {body})")
-        end = max(end, stop)
-        out[key] = (dtype, tuple(shape))
-    if end != body:
-        raise AdapterError(f"{what} is corrupted ({body - end} unexpected trailing bytes)")
-    return out
+        with safe_open(path, framework="pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except SafetensorError as e:
+        problem = str(e).removeprefix("Error while deserializing header: ")
+        if problem in ("header too small", "invalid header length"):
+            raise AdapterError(f"{WEIGHTS_NAME} is truncated ({problem})") from None
+        if problem.startswith("incomplete metadata"):
+            raise AdapterError(f"{WEIGHTS_NAME} is truncated or has trailing bytes ({problem})") from None
+        raise AdapterError(f"{WEIGHTS_NAME} is corrupted ({problem[:80]})") from None
 
 
 MAX_TARGET_MODULES = 4096         # entries of target_modules read at most (star writes one per patched layer)
 
 
-def _target_list(config: dict) -> list[str]:
-    """`target_modules` as a list of module names. Never a regular expression: peft evaluates a string as
-    one (`re.fullmatch`), and a hostile pattern can backtrack for hours, so a string is refused."""
-    targets = config.get("target_modules")
-    if isinstance(targets, str):
-        shown = targets if len(targets) <= 40 else targets[:39] + "…"
-        raise AdapterError(
-            f"adapter_config.json: target_modules is a pattern ({shown!r}); only a list of module names is accepted"
-        )
-    if targets is None:
-        return []
-    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise AdapterError("adapter_config.json: target_modules must be a list of module names")
-    if len(targets) > MAX_TARGET_MODULES:
-        raise AdapterError(f"adapter_config.json: target_modules has {len(targets)} entries (at most {MAX_TARGET_MODULES})")
-    return targets
+def _names(config: dict, key: str, verb: str = "is") -> list[str] | None:
+    """A bounded list of module names from the config. A string is refused: peft reads it as a regular
+    expression, and a hostile one can backtrack for hours."""
+    value = config.get(key)
+    if value is None or value == [] or value == "":
+        return None
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:39] + "…"
+        raise AdapterError(f"adapter_config.json: {key} {verb} a pattern ({shown!r}); only a list of module names is accepted")
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise AdapterError(f"adapter_config.json: {key} must be a list of module names")
+    if len(value) > MAX_TARGET_MODULES:
+        raise AdapterError(f"adapter_config.json: {key} has {len(value)} entries (at most {MAX_TARGET_MODULES})")
+    return value
 
 
-def _targets(targets: list[str], module: str) -> bool:
-    """peft's matching for a list: the exact module path, or a suffix of it at a '.' boundary."""
-    return any(module == t or module.endswith("." + t) for t in targets)
+def _layer_indexes(config: dict) -> int | list[int] | None:
+    value = config.get("layers_to_transform")
+    indexes = value if isinstance(value, list) else [value]
+    plain = len(indexes) <= MAX_TARGET_MODULES and all(isinstance(i, int) and not isinstance(i, bool) for i in indexes)
+    if value is not None and not plain:
+        raise AdapterError("adapter_config.json: layers_to_transform must be a layer index or a list of them")
+    return value
+
+
+def peft_targets(config: dict) -> SimpleNamespace:
+    """The config's module selection, validated so that peft's own matching can run on it without
+    evaluating a pattern from the file: target_modules and exclude_modules as lists of names (peft's exact
+    or '.'-suffix match), layers_to_transform as indexes (layers_pattern, a regex fragment, is refused)."""
+    return SimpleNamespace(
+        target_modules=_names(config, "target_modules") or [],
+        exclude_modules=_names(config, "exclude_modules", "is set to"),
+        layers_to_transform=_layer_indexes(config),
+        layers_pattern=None,
+        modules_to_save=None,
+        target_parameters=None,
+    )
 
 
 def _exact_pattern(config: dict, name: str, modules: set[str]) -> dict:
     """`rank_pattern` / `alpha_pattern` whose keys are module paths of this model, exactly as star writes
-    them. peft reads the keys as regular expressions; here they are compared as strings, and any other
-    key is refused (so no pattern from a file is ever evaluated)."""
+    them. peft reads the keys as regular expressions: any other key is refused, so that only star's own
+    module names are ever matched."""
     pattern = config.get(name)
     if pattern is None:
         return {}
@@ -576,6 +364,23 @@ def _exact_pattern(config: dict, name: str, modules: set[str]) -> dict:
                 "(keys are module paths, never patterns)"
             )
     return pattern
+
+
+def check_config(config: dict) -> None:
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"adapter_config.json: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
+    for flag in ("use_dora", "use_rslora", "lora_bias", "use_qalora", "use_bdlora"):
+        if config.get(flag):
+            raise AdapterError(f"adapter_config.json: {flag} is set; a STAR adapter is a plain LoRA")
+    if config.get("bias", "none") != "none":
+        raise AdapterError("adapter_config.json: bias must be 'none'")
+    if config.get("modules_to_save"):
+        raise AdapterError("adapter_config.json: modules_to_save is set; a STAR adapter only adds column deltas")
+    if config.get("layer_replication"):
+        raise AdapterError("adapter_config.json: layer_replication is not supported")
+    for key in ("layers_pattern", "target_parameters", "trainable_token_indices"):
+        if config.get(key):
+            raise AdapterError(f"adapter_config.json: {key} is set; a STAR adapter names its modules in target_modules only")
 
 
 # -- what an adapter may do to the model ---------------------------------------------------------------------
@@ -651,125 +456,24 @@ def check_probe(lm: LoadedModel, patch: Patch) -> None:
         raise AdapterError(f"{broken}: its logits are all equal")
 
 
-def check_config(config: dict) -> None:
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"adapter_config.json: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
-    for flag in ("use_dora", "use_rslora", "lora_bias", "use_qalora", "use_bdlora"):
-        if config.get(flag):
-            raise AdapterError(f"adapter_config.json: {flag} is set; a STAR adapter is a plain LoRA")
-    if config.get("bias", "none") != "none":
-        raise AdapterError("adapter_config.json: bias must be 'none'")
-    if config.get("modules_to_save"):
-        raise AdapterError("adapter_config.json: modules_to_save is set; a STAR adapter only adds column deltas")
-    if config.get("layer_replication"):
-        raise AdapterError("adapter_config.json: layer_replication is not supported")
-    for key in ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters", "trainable_token_indices"):
-        if config.get(key):
-            raise AdapterError(f"adapter_config.json: {key} is set; a STAR adapter names its modules in target_modules only")
-
-
-# -- star.json as typed data -----------------------------------------------------------------------------------
-
-# The sidecar's schema: what star writes, with the types it writes. Every field present must have its type
-# (no coercion: "5" is not an int, true is not 1); unknown fields are ignored (a newer star may add some).
-
-
-@attrs.define
-class _CaseSchema:
-    prompt: str
-    fix: str
-    wrong: str | None = None
-
-
-@attrs.define
-class _BaseModelSchema:
-    model_type: str
-    n_layers: int
-    d_model: int
-    d_ff: int
-    weights_sha256: dict[str, str]
-    name: str | None = None
-    out_proj: str | None = None
-
-
-@attrs.define
-class _MetaSchema:
-    format: str
-    version: int
-    base_model: _BaseModelSchema
-    name: str | None = None
-    created: str | None = None
-    method: str | None = None
-    config: dict[str, Any] | None = None
-    cases: list[_CaseSchema] | None = None
-    layers: list[int] | None = None
-    neurons: dict[str, int] | None = None
-    n_neurons: int | None = None
-    encoding: dict[str, str] | None = None
-    metrics: dict[str, Any] | None = None
-    adapter_sha256: str | None = None
-
-
-def _strict_converter() -> cattrs.Converter:
-    conv = cattrs.Converter(forbid_extra_keys=False)
-
-    def exactly(t):
-        def structure(value, _):
-            if not isinstance(value, t) or (isinstance(value, bool) and t is not bool):
-                raise TypeError(f"expected {t.__name__}, got {type(value).__name__}")
-            return value
-
-        return structure
-
-    for t in (str, int, bool):
-        conv.register_structure_hook(t, exactly(t))
-
-    def strict_list(t, converter):
-        items = list_structure_factory(t, converter)
-
-        def structure(value, _):
-            if not isinstance(value, list):
-                raise TypeError(f"expected a list, got {type(value).__name__}")
-            return items(value, _)
-
-        return structure
-
-    conv.register_structure_hook_factory(is_sequence, strict_list)
-    return conv
-
-
-_META_CONVERTER = _strict_converter()
-
-
-def check_meta_types(meta: dict) -> None:
-    """star.json against the typed schema; AdapterError naming the first wrong field."""
-    if meta.get("format") != FORMAT:
-        raise AdapterError("star.json is not a STAR adapter description")
-    try:
-        _META_CONVERTER.structure(meta, _MetaSchema)
-    except (cattrs.BaseValidationError, TypeError, ValueError) as e:
-        problems = cattrs.transform_error(e, path="star.json") if isinstance(e, cattrs.BaseValidationError) else [str(e)]
-        first = problems[0] if problems else type(e).__name__
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise AdapterError(f"star.json has a field of the wrong type: {first}{more}") from None
-
+# -- star.json against this model --------------------------------------------------------------------------
 
 MAX_CASES = 8                # stored cases per adapter: each is re-checked (greedy decoding) whenever a
 MAX_CASE_TOKENS = 2048       # patch is applied anew, so their count and length bound that cost
 MAX_CASES_TOKENS = 4096      # all cases of one adapter together
 
 
-def check_cases(meta: dict, lm: LoadedModel) -> None:
+def check_cases(sidecar: Sidecar, lm: LoadedModel) -> None:
     """Bound the stored cases (count, tokens of prompt + fix) so that re-checking them stays cheap."""
-    cases = meta.get("cases") or []
+    cases = sidecar.cases or []
     if len(cases) > MAX_CASES:
         raise AdapterError(f"star.json holds {len(cases)} cases; at most {MAX_CASES} are accepted")
     total = 0
     for n, case in enumerate(cases, start=1):
-        text = case["prompt"] + case["fix"]
+        text = case.prompt + case.fix
         if len(text) > 64 * MAX_CASE_TOKENS:
             raise AdapterError(f"star.json case {n} is {len(text)} characters long (at most {64 * MAX_CASE_TOKENS})")
-        tokens = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (case["prompt"], case["fix"]))
+        tokens = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (case.prompt, case.fix))
         if tokens > MAX_CASE_TOKENS:
             raise AdapterError(f"star.json case {n} is {tokens} tokens long; at most {MAX_CASE_TOKENS} per case are accepted")
         total += tokens
@@ -777,31 +481,15 @@ def check_cases(meta: dict, lm: LoadedModel) -> None:
             raise AdapterError(f"star.json's cases are over {MAX_CASES_TOKENS} tokens together")
 
 
-def check_meta(meta: dict, lm: LoadedModel) -> dict:
-    check_meta_types(meta)
-    check_cases(meta, lm)
-    version = meta.get("version")
-    if not isinstance(version, int) or version < 1:
-        raise AdapterError("star.json has no valid version")
-    if version > FORMAT_VERSION:
-        raise AdapterError(f"star.json has format version {version}; this star reads up to {FORMAT_VERSION}")
-    base = meta.get("base_model")
-    if not isinstance(base, dict) or not isinstance(base.get("weights_sha256"), dict):
-        raise AdapterError("star.json has no base-model fingerprint")
-    mine = architecture(lm)
-    made_for = f"{base.get('name', '?')} ({base.get('model_type')}, {base.get('n_layers')} layers, d={base.get('d_model')}, d_ff={base.get('d_ff')})"
-    this = f"{lm.name} ({mine['model_type']}, {mine['n_layers']} layers, d={mine['d_model']}, d_ff={mine['d_ff']})"
-    for key in ("model_type", "n_layers", "d_model", "d_ff"):
-        if base.get(key) != mine[key]:
-            raise AdapterError(f"made for a different model: {made_for}, this is {this}")
-    return base
+def check_base_model(sidecar: Sidecar, lm: LoadedModel) -> None:
+    base, mine = sidecar.base_model, architecture(lm)
+    if [base.model_type, base.n_layers, base.d_model, base.d_ff] != [mine[k] for k in ("model_type", "n_layers", "d_model", "d_ff")]:
+        made_for = f"{base.name or '?'} ({base.model_type}, {base.n_layers} layers, d={base.d_model}, d_ff={base.d_ff})"
+        this = f"{lm.name} ({mine['model_type']}, {mine['n_layers']} layers, d={mine['d_model']}, d_ff={mine['d_ff']})"
+        raise AdapterError(f"made for a different model: {made_for}, this is {this}")
 
 
-def _weight_files(directory: Path) -> list[Path]:
-    try:
-        return sorted(p for p in directory.iterdir() if p.is_file() or p.is_symlink())
-    except OSError as e:
-        raise AdapterError(f"cannot read {directory}: {e.strerror}") from None
+# -- loading: the steps ------------------------------------------------------------------------------------
 
 
 def load_adapter(
@@ -824,34 +512,53 @@ def load_adapter(
     (the base plus whatever patches are applied). `probe`: run `check_probe` with the patch on top of the
     model as it is now."""
     directory = Path(directory)
+    _check_files(directory)
+    sidecar = read_sidecar(directory)
+    check_cases(sidecar, lm)
+    check_base_model(sidecar, lm)
+    config = read_json_object(directory / CONFIG_NAME, CONFIG_NAME)
+    check_config(config)
+    data = _read_weights(directory / WEIGHTS_NAME, max_bytes)
+    shapes = tensor_shapes(directory / WEIGHTS_NAME)
+    sha = hashlib.sha256(data).hexdigest()
+    if sidecar.adapter_sha256 is not None and sidecar.adapter_sha256 != sha:
+        raise AdapterError(f"{WEIGHTS_NAME} is corrupted (its sha256 does not match star.json)")
+    ranks = _ranks(lm, shapes)
+    _check_targets(lm, config, ranks)
+    _check_fingerprint(lm, sidecar, ranks, base_digest or (lambda layer: layer_digest(lm.arch.columns(layer))))
+    patch = _decode_patch(lm, data, shapes, ranks, base_columns or lm.arch.columns)
+    if probe and patch.layers:
+        check_probe(lm, patch)
+    return Adapter(id=adapter_id or directory.name, path=directory, sidecar=sidecar, patch=patch, weights_sha256=sha)
+
+
+def _check_files(directory: Path) -> None:
+    """An adapter directory, with a weights file and no pickle."""
     if not directory.is_dir():
         raise AdapterError(f"{directory} is not an adapter directory")
-    files = _weight_files(directory)
-    pickles = [p.name for p in files if p.name.lower().endswith(PICKLE_SUFFIXES)]
+    try:
+        names = sorted(p.name for p in directory.iterdir() if p.is_file() or p.is_symlink())
+    except OSError as e:
+        raise AdapterError(f"cannot read {directory}: {e.strerror}") from None
+    pickles = [n for n in names if is_pickle(n)]
     if pickles:
         raise AdapterError(f"{pickles[0]} is a pickle file: only safetensors adapters are accepted (never pickle)")
-    weights_path = directory / WEIGHTS_NAME
-    if not weights_path.is_file() and not weights_path.is_symlink():
+    if WEIGHTS_NAME not in names:
         raise AdapterError(f"no {WEIGHTS_NAME} in {directory.name}")
-    meta = _read_json(directory / META_NAME, META_NAME + " (STAR metadata)")
-    base = check_meta(meta, lm)
-    config = _read_json(directory / CONFIG_NAME, CONFIG_NAME)
-    check_config(config)
 
+
+def _read_weights(path: Path, max_bytes: int) -> bytes:
     try:
-        size = weights_path.lstat().st_size
+        size = path.lstat().st_size
     except OSError as e:
         raise AdapterError(f"cannot read {WEIGHTS_NAME}: {e.strerror}") from None
     if size > max_bytes:
         raise AdapterError(f"{WEIGHTS_NAME} is {size / 2**20:.0f} MB, over the {max_bytes / 2**20:.0f} MB limit")
-    data = read_regular_file(weights_path, max_bytes, WEIGHTS_NAME)
-    header = parse_safetensors_header(data)
-    sha = hashlib.sha256(data).hexdigest()
-    expected_sha = meta.get("adapter_sha256")
-    if expected_sha is not None and expected_sha != sha:
-        raise AdapterError(f"{WEIGHTS_NAME} is corrupted (its sha256 does not match star.json)")
+    return read_regular_file(path, max_bytes, WEIGHTS_NAME)
 
-    # Keys and shapes, before any tensor is built.
+
+def _ranks(lm: LoadedModel, shapes: dict[str, tuple[str, tuple[int, ...]]]) -> dict[int, int]:
+    """{layer: r} of the LoRA factors, every tensor a factor of an FFN output projection that fits it."""
     arch = lm.arch
     d, d_ff = arch.d_model, arch.d_ff
     by_key = {}
@@ -859,7 +566,9 @@ def load_adapter(
         key_a, key_b = _keys(lm, layer)
         by_key[key_a], by_key[key_b] = (layer, "A"), (layer, "B")
     found: dict[int, dict[str, tuple[int, ...]]] = {}
-    for key, (_dtype, shape) in header.items():
+    for key, (dtype, shape) in shapes.items():
+        if dtype not in DTYPES:
+            raise AdapterError(f"{WEIGHTS_NAME}: tensor {key} has dtype {dtype}; expected F32, F16 or BF16")
         if key not in by_key:
             raise AdapterError(f"unexpected tensor {key!r}: not a LoRA factor of this model's FFN output projections")
         layer, which = by_key[key]
@@ -880,41 +589,49 @@ def load_adapter(
                 f"(expected [r, {d_ff}] and [{d}, r])"
             )
         ranks[layer] = ra
+    return ranks
 
-    # Config: every module targeted, scale alpha / r exactly 1 (no pattern is ever evaluated).
+
+def _check_targets(lm: LoadedModel, config: dict, ranks: dict[int, int]) -> None:
+    """peft targets every patched module (by its own matching) at scale alpha / r exactly 1."""
+    arch = lm.arch
+    targets = peft_targets(config)
     modules = {arch.out_proj_name(l) for l in range(arch.n_layers)}
-    targets = _target_list(config)
     rank_pattern = _exact_pattern(config, "rank_pattern", modules)
     alpha_pattern = _exact_pattern(config, "alpha_pattern", modules)
     for layer, r in ranks.items():
         module = arch.out_proj_name(layer)
-        if not _targets(targets, module):
+        if not check_target_module_exists(targets, module):
             raise AdapterError(f"adapter_config.json does not target {module}")
-        r_cfg = rank_pattern.get(module, config.get("r", 8))
-        alpha = alpha_pattern.get(module, config.get("lora_alpha", 8))
+        r_cfg = rank_pattern.get(get_pattern_key(rank_pattern, module), config.get("r", 8))
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern, module), config.get("lora_alpha", 8))
         if isinstance(r_cfg, bool) or not isinstance(r_cfg, int) or r_cfg != r:
             raise AdapterError(f"adapter_config.json gives {module} rank {r_cfg}, the weights have rank {r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha != r:
             raise AdapterError(f"adapter_config.json: lora_alpha of {module} is {alpha}, expected r = {r} (scale 1)")
 
-    # Fingerprint of the base weights.
-    layers_meta = meta.get("layers")
-    if layers_meta is not None and sorted(layers_meta) != sorted(ranks):
+
+def _check_fingerprint(lm: LoadedModel, sidecar: Sidecar, ranks: dict[int, int], base_digest) -> None:
+    """The patched layers' base weights are the ones the patch was made on."""
+    if sidecar.layers is not None and sorted(sidecar.layers) != sorted(ranks):
         raise AdapterError("star.json lists other layers than the weights hold")
-    digests = base["weights_sha256"]
-    base_digest = base_digest or current_digest(lm)
+    digests = sidecar.base_model.weights_sha256
     differ = [l for l in sorted(ranks) if digests.get(str(l)) != base_digest(l)]
     if differ:
         shown = ", ".join(map(str, differ[:5])) + (" ..." if len(differ) > 5 else "")
         raise AdapterError(
-            f"made for a different base model ({base.get('name', '?')}): the weights of layer(s) {shown} differ"
+            f"made for a different base model ({sidecar.base_model.name or '?'}): the weights of layer(s) {shown} differ"
         )
 
-    # Now build the tensors (safetensors, no pickle) and check their values.
+
+def _decode_patch(lm: LoadedModel, data: bytes, shapes: dict, ranks: dict[int, int], base_columns) -> Patch:
+    """The tensors, built now (safetensors, no pickle), as column deltas whose values are checked."""
     try:
         tensors = st_load(data)
     except Exception as e:  # noqa: BLE001 - the library raises its own error types
         raise AdapterError(f"{WEIGHTS_NAME} is corrupted ({str(e)[:80]})") from None
+    if {k: tuple(t.shape) for k, t in tensors.items()} != {k: shape for k, (_, shape) in shapes.items()}:
+        raise AdapterError(f"{WEIGHTS_NAME} changed while it was read")
     patch = Patch()
     for layer in sorted(ranks):
         key_a, key_b = _keys(lm, layer)
@@ -924,22 +641,10 @@ def load_adapter(
         cols, delta = decode_factors(a, b)
         if not all_finite(delta):
             raise AdapterError(f"layer {layer}: the adapter's delta overflows")
-        check_delta_bound(layer, cols, delta, base_columns(layer) if base_columns else arch.columns(layer))
+        check_delta_bound(layer, cols, delta, base_columns(layer))
         if len(cols):
             patch.layers[layer] = LayerDelta(cols, delta)
-    if probe and patch.layers:
-        check_probe(lm, patch)
-    encoding = {int(k): v for k, v in (meta.get("encoding") or {}).items() if str(k).isdigit()}
-    return Adapter(
-        id=adapter_id or directory.name,
-        path=directory,
-        meta=meta,
-        config=config,
-        patch=patch,
-        size_bytes=sum(p.lstat().st_size for p in files),
-        weights_sha256=sha,
-        encoding=encoding,
-    )
+    return patch
 
 
 def valid_name(name: str) -> bool:

@@ -34,19 +34,19 @@ from ..case import RepairCase, RepairInputError
 from ..generate import writes_fix
 from ..model import LoadedModel
 from ..text import excerpt
-from .folder import AdapterFolder, Manifest, PatchInfo, copy_adapter_dir, dir_signature, read_meta, unpack_archive
+from .folder import AdapterFolder, Manifest, PatchInfo, copy_adapter_dir, dir_signature, unpack_archive
 from .format import (
     MAX_BYTES,
     WEIGHTS_NAME,
     Adapter,
     AdapterError,
-    atomic_write_dir,
     encode_result,
     layer_digest,
     load_adapter,
-    meta_cases,
     valid_name,
+    write_adapter_dir,
 )
+from .sidecar import read_sidecar_or_none
 
 @dataclass
 class VerifyRow:
@@ -285,7 +285,8 @@ class PatchStack:
     def _cases(self, adapter_id: str) -> list[RepairCase]:
         if adapter_id in self._adapters:
             return self._adapters[adapter_id].cases
-        return meta_cases(read_meta(self.path / adapter_id))
+        sidecar = read_sidecar_or_none(self.path / adapter_id)
+        return sidecar.repair_cases if sidecar else []
 
     def _try_apply(self, new_ids: list[str], *, keep_going: bool, raise_on_regression: bool = True) -> list[VerifyRow]:
         """Switch the model to `new_ids`; if cases of patches applied before (and kept) that held before
@@ -345,17 +346,9 @@ class PatchStack:
                 if adapter_id in self._manifest.order:
                     self._apply_state(self._applied)
                     raise AdapterError(f"the same patch is already in the stack as {adapter_id}")
-                adapter = Adapter(
-                    id=adapter_id,
-                    path=self.path / adapter_id,
-                    meta=encoded.meta,
-                    config={},
-                    patch=result.patch,
-                    size_bytes=sum(len(b) for b in encoded.files.values()),
-                    weights_sha256=encoded.weights_sha256,
-                )
                 # (B @ A decodes to exactly these deltas, so a reload gives the same bits.)
-                return self._push(adapter, lambda dest: atomic_write_dir(dest, encoded.files), keep_going)
+                adapter = Adapter(adapter_id, self.path / adapter_id, encoded.sidecar, result.patch, encoded.weights_sha256)
+                return self._push(adapter, lambda dest: write_adapter_dir(dest, encoded.files), keep_going)
 
     def set_enabled(self, adapter_id: str, enabled: bool, *, keep_going: bool = False) -> PatchInfo:
         """Enable (under the regression policy) or disable (exact restore) one patch."""
@@ -476,7 +469,8 @@ class PatchStack:
     def _same_weights(self, adapter_id: str, sha: str) -> bool:
         if adapter_id in self._adapters:
             return self._adapters[adapter_id].weights_sha256 == sha
-        return read_meta(self.path / adapter_id).get("adapter_sha256") == sha
+        sidecar = read_sidecar_or_none(self.path / adapter_id)
+        return sidecar is not None and sidecar.adapter_sha256 == sha
 
     def export(self, adapter_id: str, path) -> Path:
         return self.folder.export(adapter_id, path)
