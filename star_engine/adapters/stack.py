@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,72 +201,91 @@ class PatchStack:
     def _sync(self) -> tuple[list[str], list[str]]:
         with self.lock, self.folder.locked():
             manifest, new_ids, messages = self.folder.state()
-            changes = []
-            # Unlisted directories: validate before they enter the manifest.
-            accepted_new = []
-            for i in new_ids:
-                sig = dir_signature(self.path / i)
-                if self._rejected.get(i) == sig:
-                    manifest.order.remove(i)
-                    manifest.enabled.pop(i, None)
-                    continue
+            accepted = self._admit(new_ids, manifest, messages)
+            self._forget_gone(set(manifest.order))
+            wanted = self._load_enabled(manifest, messages)
+            changes = self._follow(manifest, wanted, accepted, messages)
+            self._store(manifest)
+            return messages, changes
+
+    def _admit(self, new_ids: list[str], manifest: Manifest, messages: list[str]) -> list[str]:
+        """Unlisted directories, validated before they enter the manifest; returns those accepted. One
+        rejected before with the same files is dropped again without a new message."""
+        accepted = []
+        for i in new_ids:
+            sig = dir_signature(self.path / i)
+            if self._rejected.get(i) != sig:
                 try:
-                    if not valid_name(i):
-                        raise AdapterError("bad directory name (letters, digits, '.', '_', '-' only)")
-                    self._adapters.pop(i, None)
-                    self._load(i)
-                    self._rejected.pop(i, None)
-                    accepted_new.append(i)
+                    self._load_new(i)
+                    accepted.append(i)
+                    continue
                 except AdapterError as e:
                     self._rejected[i] = sig
                     messages.append(f"ignored {i}: {e}")
-                    manifest.order.remove(i)
-                    manifest.enabled.pop(i, None)
-            # Forget directories that are gone.
-            present = set(manifest.order)
-            for i in list(self._adapters):
-                if i not in present:
-                    del self._adapters[i]
-            self._problems = {i: p for i, p in self._problems.items() if i in present}
-            # Enabled, listed patches: load (validate) those not loaded yet.
-            wanted = []
-            for i in manifest.order:
-                if not manifest.enabled[i]:
-                    self._adapters.pop(i, None)      # not needed in memory while disabled
-                    continue
-                sig = dir_signature(self.path / i) if i in self._problems else None
-                if sig is not None and self._problem_sigs.get(i) == sig:
-                    continue                          # still the same broken files: not re-read
-                try:
-                    self._load(i)
-                    self._problems.pop(i, None)
-                    wanted.append(i)
-                except AdapterError as e:
-                    if self._problems.get(i) != str(e):
-                        messages.append(f"{i} is not applied: {e}")
-                    self._problems[i] = str(e)
-                    self._problem_sigs[i] = dir_signature(self.path / i)
-            # Newcomers are applied one by one under the regression policy; the rest follow the manifest.
-            base_list = [i for i in wanted if i not in accepted_new]
-            if base_list != self._applied:
-                removed = [i for i in self._applied if i not in base_list]
-                added = [i for i in base_list if i not in self._applied]
-                self._apply_state(base_list)
-                changes += [f"removed {i}" for i in removed] + [f"applied {i}" for i in added]
-            for i in [i for i in wanted if i in accepted_new]:
-                new_list = [j for j in wanted if j in self._applied or j == i]
-                broken = self._try_apply(new_list, keep_going=False, raise_on_regression=False)
-                if broken:
-                    manifest.enabled[i] = False
-                    messages.append(f"{i} added but disabled: {self._regression_text(broken)}")
-                else:
-                    changes.append(f"applied {i}")
-            if not manifest.same(self._manifest) or not (self.path / "stack.json").exists():
-                stored, _ = self.folder.read_manifest()
-                if not manifest.same(stored):
-                    self.folder.write_manifest(manifest)
-                self._manifest = manifest
-            return messages, changes
+            manifest.order.remove(i)
+            manifest.enabled.pop(i, None)
+        return accepted
+
+    def _load_new(self, adapter_id: str) -> None:
+        if not valid_name(adapter_id):
+            raise AdapterError("bad directory name (letters, digits, '.', '_', '-' only)")
+        self._adapters.pop(adapter_id, None)
+        self._load(adapter_id)
+        self._rejected.pop(adapter_id, None)
+
+    def _forget_gone(self, present: set[str]) -> None:
+        for i in [i for i in self._adapters if i not in present]:
+            del self._adapters[i]
+        self._problems = {i: p for i, p in self._problems.items() if i in present}
+
+    def _load_enabled(self, manifest: Manifest, messages: list[str]) -> list[str]:
+        """The enabled, listed patches that validate (loaded now if not yet), in manifest order; one whose
+        files are the same as when they last failed is not re-read."""
+        wanted = []
+        for i in manifest.order:
+            if not manifest.enabled[i]:
+                self._adapters.pop(i, None)      # not needed in memory while disabled
+                continue
+            if i in self._problems and self._problem_sigs.get(i) == dir_signature(self.path / i):
+                continue
+            try:
+                self._load(i)
+                self._problems.pop(i, None)
+                wanted.append(i)
+            except AdapterError as e:
+                if self._problems.get(i) != str(e):
+                    messages.append(f"{i} is not applied: {e}")
+                self._problems[i] = str(e)
+                self._problem_sigs[i] = dir_signature(self.path / i)
+        return wanted
+
+    def _follow(self, manifest: Manifest, wanted: list[str], accepted: list[str], messages: list[str]) -> list[str]:
+        """Make the model the wanted patches: those known before follow the manifest at once, newcomers are
+        applied one by one under the regression policy (one that breaks an earlier case is disabled)."""
+        changes = []
+        known = [i for i in wanted if i not in accepted]
+        if known != self._applied:
+            removed = [i for i in self._applied if i not in known]
+            added = [i for i in known if i not in self._applied]
+            self._apply_state(known)
+            changes += [f"removed {i}" for i in removed] + [f"applied {i}" for i in added]
+        for i in [i for i in wanted if i in accepted]:
+            broken = self._try_apply([j for j in wanted if j in self._applied or j == i], keep_going=False,
+                                     raise_on_regression=False)
+            if broken:
+                manifest.enabled[i] = False
+                messages.append(f"{i} added but disabled: {self._regression_text(broken)}")
+            else:
+                changes.append(f"applied {i}")
+        return changes
+
+    def _store(self, manifest: Manifest) -> None:
+        """Write the manifest when it changed (and is not already on disk as it is)."""
+        if not manifest.same(self._manifest) or not (self.path / "stack.json").exists():
+            stored, _ = self.folder.read_manifest()
+            if not manifest.same(stored):
+                self.folder.write_manifest(manifest)
+            self._manifest = manifest
 
     # -- regression checks --------------------------------------------------------------------------------
 
@@ -325,6 +345,16 @@ class PatchStack:
         if not self._loaded:
             self.load()
 
+    @contextmanager
+    def _synced(self):
+        """The opening of every mutation: the stack's lock, loaded, the folder's lock, the model in line
+        with the folder."""
+        with self.lock:
+            self._ensure_loaded()
+            with self.folder.locked():
+                self.sync()
+                yield
+
     def add(self, result, *, name: str | None = None, keep_going: bool = False) -> PatchInfo:
         """Persist a fixed RepairResult on top of the stack. The repair must have been made on this stack's
         model with the stack applied (its weights still hold the repair). The patch is saved as an adapter
@@ -337,9 +367,7 @@ class PatchStack:
         with self.lock:
             # Back to the stack's state exactly, then re-add the delta the way a reload would.
             restore_columns(self.lm.arch, result.saved)
-            self._ensure_loaded()
-            with self.folder.locked():
-                self.sync()
+            with self._synced():
                 self._remember_base(result.patch)
                 encoded = encode_result(self.lm, result, name=name, base_digest=self.base_digest)
                 adapter_id = encoded.default_id()
@@ -352,48 +380,42 @@ class PatchStack:
 
     def set_enabled(self, adapter_id: str, enabled: bool, *, keep_going: bool = False) -> PatchInfo:
         """Enable (under the regression policy) or disable (exact restore) one patch."""
-        with self.lock:
-            self._ensure_loaded()
-            with self.folder.locked():
-                self.sync()
-                adapter_id = self.folder.resolve(adapter_id, self._manifest.order)
-                manifest = self._manifest.copy()
-                manifest.enabled[adapter_id] = enabled
-                broken = []
-                if enabled and adapter_id not in self._applied:
-                    self._load(adapter_id)
-                    self._problems.pop(adapter_id, None)
-                    new_ids = [i for i in manifest.order if i in self._applied or i == adapter_id]
-                    broken = self._try_apply(new_ids, keep_going=keep_going)
-                elif not enabled and adapter_id in self._applied:
-                    self._apply_state([i for i in self._applied if i != adapter_id])
-                if not enabled:
-                    self._adapters.pop(adapter_id, None)
-                    self._problems.pop(adapter_id, None)
-                self.folder.write_manifest(manifest)
-                self._manifest = manifest
-                return self._info(adapter_id, broken)
+        with self._synced():
+            adapter_id = self.folder.resolve(adapter_id, self._manifest.order)
+            manifest = self._manifest.copy()
+            manifest.enabled[adapter_id] = enabled
+            broken = []
+            if enabled and adapter_id not in self._applied:
+                self._load(adapter_id)
+                self._problems.pop(adapter_id, None)
+                new_ids = [i for i in manifest.order if i in self._applied or i == adapter_id]
+                broken = self._try_apply(new_ids, keep_going=keep_going)
+            elif not enabled and adapter_id in self._applied:
+                self._apply_state([i for i in self._applied if i != adapter_id])
+            if not enabled:
+                self._adapters.pop(adapter_id, None)
+                self._problems.pop(adapter_id, None)
+            self.folder.write_manifest(manifest)
+            self._manifest = manifest
+            return self._info(adapter_id, broken)
 
     def remove(self, adapter_id: str) -> PatchInfo:
         """Undo a patch exactly and delete its adapter directory."""
-        with self.lock:
-            self._ensure_loaded()
-            with self.folder.locked():
-                self.sync()
-                adapter_id = self.folder.resolve(adapter_id, self._manifest.order)
-                info = self._info(adapter_id)
-                if adapter_id in self._applied:
-                    self._apply_state([i for i in self._applied if i != adapter_id])
-                self._adapters.pop(adapter_id, None)
-                self._problems.pop(adapter_id, None)
-                manifest = self._manifest.copy()
-                manifest.order.remove(adapter_id)
-                manifest.enabled.pop(adapter_id, None)
-                self.folder.delete_dir(adapter_id)      # directory first (see AdapterFolder.remove)
-                self.folder.write_manifest(manifest)
-                self._manifest = manifest
-                info.applied = False
-                return info
+        with self._synced():
+            adapter_id = self.folder.resolve(adapter_id, self._manifest.order)
+            info = self._info(adapter_id)
+            if adapter_id in self._applied:
+                self._apply_state([i for i in self._applied if i != adapter_id])
+            self._adapters.pop(adapter_id, None)
+            self._problems.pop(adapter_id, None)
+            manifest = self._manifest.copy()
+            manifest.order.remove(adapter_id)
+            manifest.enabled.pop(adapter_id, None)
+            self.folder.delete_dir(adapter_id)      # directory first (see AdapterFolder.remove)
+            self.folder.write_manifest(manifest)
+            self._manifest = manifest
+            info.applied = False
+            return info
 
     def undo_last(self) -> PatchInfo | None:
         """Remove the most recent applied patch (exact restore, directory deleted); None if none."""
@@ -409,39 +431,43 @@ class PatchStack:
         src = Path(path).expanduser()
         if not src.exists():
             raise AdapterError(f"no such file: {src}")
-        with self.lock:
-            self._ensure_loaded()
-            with self.folder.locked():
-                self.sync()
-                staging = Path(tempfile.mkdtemp(prefix=".tmp-import-", dir=self.path))
-                try:
-                    if src.is_dir():
-                        weights = src / WEIGHTS_NAME
-                        if weights.is_file() and weights.stat().st_size > self.max_bytes:
-                            raise AdapterError(f"{WEIGHTS_NAME} is {weights.stat().st_size / 2**20:.0f} MB, over the limit")
-                        copy_adapter_dir(src, staging)
-                        suggested = src.name
-                    else:
-                        _, suggested = unpack_archive(src, staging, max_bytes=self.max_bytes)
-                    adapter = load_adapter(self.lm, staging, base_digest=self.base_digest, max_bytes=self.max_bytes)
-                    dup = [i for i in self._manifest.order if self._same_weights(i, adapter.weights_sha256)]
-                    if dup:
-                        raise AdapterError(f"already in the stack as {dup[0]}")
-                    adapter_id = suggested if valid_name(suggested) else f"{adapter.weights_sha256[:10]}-import"
-                    if (self.path / adapter_id).exists():
-                        adapter_id = f"{adapter_id}-{adapter.weights_sha256[:6]}"
-                    if (self.path / adapter_id).exists():
-                        raise AdapterError(f"{adapter_id} already exists in {self.path}")
-                    adapter.id, adapter.path = adapter_id, self.path / adapter_id
+        with self._synced():
+            staging = Path(tempfile.mkdtemp(prefix=".tmp-import-", dir=self.path))
+            try:
+                suggested = self._stage(src, staging)
+                adapter = load_adapter(self.lm, staging, base_digest=self.base_digest, max_bytes=self.max_bytes)
+                adapter.id = self._import_id(suggested, adapter.weights_sha256)
+                adapter.path = self.path / adapter.id
 
-                    def place(dest: Path) -> None:
-                        os.chmod(staging, 0o755)
-                        os.replace(staging, dest)
+                def place(dest: Path) -> None:
+                    os.chmod(staging, 0o755)
+                    os.replace(staging, dest)
 
-                    return self._push(adapter, place, keep_going)
-                finally:
-                    if staging.exists():
-                        shutil.rmtree(staging, ignore_errors=True)
+                return self._push(adapter, place, keep_going)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging, ignore_errors=True)
+
+    def _stage(self, src: Path, staging: Path) -> str:
+        """The adapter's files copied or unpacked into `staging`; returns the id its name suggests."""
+        if not src.is_dir():
+            return unpack_archive(src, staging, max_bytes=self.max_bytes)[1]
+        weights = src / WEIGHTS_NAME
+        if weights.is_file() and weights.stat().st_size > self.max_bytes:
+            raise AdapterError(f"{WEIGHTS_NAME} is {weights.stat().st_size / 2**20:.0f} MB, over the limit")
+        copy_adapter_dir(src, staging)
+        return src.name
+
+    def _import_id(self, suggested: str, sha: str) -> str:
+        dup = [i for i in self._manifest.order if self._same_weights(i, sha)]
+        if dup:
+            raise AdapterError(f"already in the stack as {dup[0]}")
+        adapter_id = suggested if valid_name(suggested) else f"{sha[:10]}-import"
+        if (self.path / adapter_id).exists():
+            adapter_id = f"{adapter_id}-{sha[:6]}"
+        if (self.path / adapter_id).exists():
+            raise AdapterError(f"{adapter_id} already exists in {self.path}")
+        return adapter_id
 
     def _push(self, adapter: Adapter, place: Callable[[Path], None], keep_going: bool) -> PatchInfo:
         """Put a validated adapter on top of the stack: apply it under the regression policy, then
