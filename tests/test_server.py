@@ -396,12 +396,12 @@ def test_server_exits_when_the_client_vanishes(tiny_model_dir, tmp_path):
     server.request(1, "initialize", {"capabilities": {}, "initializationOptions": {"maxTokens": 1000, "multiline": "always"}})
     server.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
     server.send({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
-        "uri": "file:///tmp/v.py", "languageId": "python", "version": 1, "text": "def f():\n"}}})
+        "uri": "file:///tmp/v.py", "languageId": "python", "version": 1, "text": LONG}}})
     assert server.request(3, "workspace/executeCommand", {"command": "star.stats"})["result"]   # loaded
     server.send({"jsonrpc": "2.0", "id": 2, "method": "textDocument/inlineCompletion", "params": {
-        "textDocument": {"uri": "file:///tmp/v.py"}, "position": {"line": 1, "character": 0},
+        "textDocument": {"uri": "file:///tmp/v.py"}, "position": {"line": 0, "character": len(LONG)},
         "context": {"triggerKind": 1}}})
-    time.sleep(0.5)              # 1000 tokens take the tiny model seconds (test_cancel_request_stops_the_generation)
+    time.sleep(0.2)              # LONG never ends: 1000 tokens take seconds (test_cancel_request_stops_the_generation)
     server.proc.stdin.close()
     try:
         assert server.proc.wait(timeout=60) == 1     # LSP: exit code 1 without a shutdown request
