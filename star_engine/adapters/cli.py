@@ -175,10 +175,15 @@ def cmd_show(args) -> int:
     return 0
 
 
-def cmd_enable(args) -> int:
-    info = _stack(args).set_enabled(args.id, True, keep_going=args.keep_going)
+def _warned(info):
+    """A PatchInfo whose messages (regressions accepted with --keep-going) went to stderr."""
     for m in info.messages:
         _warn(m)
+    return info
+
+
+def cmd_enable(args) -> int:
+    info = _warned(_stack(args).set_enabled(args.id, True, keep_going=args.keep_going))
     print(f"enabled {_safe(info.id)}")
     return 0
 
@@ -202,9 +207,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
-    info = _stack(args).import_(args.file, keep_going=args.keep_going)
-    for m in info.messages:
-        _warn(m)
+    info = _warned(_stack(args).import_(args.file, keep_going=args.keep_going))
     print(f"imported {_safe(info.id)}: {info.neurons} neuron(s), {len(info.cases)} case(s)")
     return 0
 
