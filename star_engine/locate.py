@@ -55,25 +55,38 @@ def neuron_masks(scores: dict[int, torch.Tensor], pattern: str, ratio: float, be
     raise ValueError(f"unknown sparsity pattern {pattern!r}")
 
 
+def top_neurons(scores: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:
+    """The k highest-scoring neurons over all layers (scores comparable across layers): {layer: ascending
+    neuron indices}, layers with none left out."""
+    layers = sorted(scores)
+    pooled = torch.cat([scores[l] for l in layers])
+    k = max(1, min(k, len(pooled)))
+    chosen = torch.zeros(len(pooled), dtype=torch.bool)
+    chosen[pooled.topk(k).indices] = True
+    out, start = {}, 0
+    for l in layers:
+        idx = chosen[start : start + len(scores[l])].nonzero().flatten()
+        start += len(scores[l])
+        if len(idx):
+            out[l] = idx
+    return out
+
+
 def contrast_neurons(active: dict[int, torch.Tensor], corpus_power: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:
     """The k neurons, over all layers, most active at the failure relative to how active they are on normal
     code: score_lj = rms_i(z_lj at the failing positions) / rms(z_lj on the corpus). Those give the fix the
     most leverage per unit of change on everything else. Returns {layer: ascending neuron indices}.
 
     active[l] (n, d_ff): activations at the failing positions; corpus_power[l] (d_ff,): E[z_lj²] on the corpus."""
-    layers = sorted(active)
-    scores = []
-    for l in layers:
+    scores = {}
+    for l in active:
         power = corpus_power[l].clamp_min(1e-6 * float(corpus_power[l].mean()) + 1e-12)
-        scores.append((active[l].pow(2).mean(0) / power).sqrt())
-    pooled = torch.cat(scores)
-    k = max(1, min(k, len(pooled)))
-    chosen = torch.zeros(len(pooled), dtype=torch.bool)
-    chosen[pooled.topk(k).indices] = True
-    out, start = {}, 0
-    for l, s in zip(layers, scores):
-        idx = chosen[start : start + len(s)].nonzero().flatten()
-        start += len(s)
-        if len(idx):
-            out[l] = idx
-    return out
+        scores[l] = (active[l].pow(2).mean(0) / power).sqrt()
+    return top_neurons(scores, k)
+
+
+def fisher_neurons(grads: dict[int, torch.Tensor], corpus_power: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:
+    """The k neurons whose column gives the most first-order loss drop per unit of change on normal code:
+    score_lj = ||G_l[:, j]||² / Q_l[j, j] (G the loss gradient in the (d, d_ff) layout, Q the metric's
+    diagonal), i.e. the diagonal of the natural-gradient drop."""
+    return top_neurons({l: grads[l].pow(2).sum(0) / corpus_power[l] for l in grads}, k)

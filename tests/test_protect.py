@@ -9,8 +9,8 @@ import torch
 
 from star_engine.case import RepairCase
 from star_engine.corpus import CorpusSpec, corpus_files
-from star_engine.locate import contrast_neurons
-from star_engine.methods.star.solver import Metric, protected_metric, protected_prior, realise, seme_direction
+from star_engine.locate import contrast_neurons, fisher_neurons
+from star_engine.methods.star.solver import Metric, natural_direction, protected_metric, protected_prior, realise, seme_direction
 from star_engine.protect import STAT_CORPUS, corpus_statistic, statistic_path
 from star_engine.repair import repair, undo
 from star_engine.patch import WeightSnapshot
@@ -68,6 +68,22 @@ def test_keep_rows_are_left_exactly_where_they_were():
     torch.testing.assert_close(steer_rows @ R.T, steer_rows @ D.T, atol=1e-4, rtol=1e-4)
 
 
+def test_the_natural_direction_drops_the_loss_most_per_unit_of_corpus_change():
+    g = torch.Generator().manual_seed(8)
+    k, d, loss = 24, 6, 2.5
+    G = {l: torch.randn(d, k, generator=g) for l in range(2)}
+    corpus = torch.randn(1000, k, generator=g) * torch.linspace(0.05, 3.0, k)   # uneven neuron activity
+    C = corpus.T @ corpus / len(corpus)
+    metrics = {l: protected_metric(C, "covariance", ridge=1e-2, threshold=0.0) for l in G}
+    D = natural_direction(G, metrics, loss)
+    drop = lambda X: -sum(float((G[l] * X[l]).sum()) for l in G)
+    assert drop(D) == pytest.approx(loss, rel=1e-4)
+    cost = lambda X: sum(float((X[l] @ torch.linalg.inv(metrics[l].inverse.double()).float() * X[l]).sum()) for l in G)
+    plain = {l: -G[l] for l in G}
+    plain = {l: x * (cost(D) / cost(plain)) ** 0.5 for l, x in plain.items()}   # the same change on the corpus
+    assert drop(D) > 1.5 * drop(plain)
+
+
 def test_earlier_fixes_in_the_statistic_are_moved_less():
     g = torch.Generator().manual_seed(6)
     k, d = 32, 8
@@ -88,11 +104,19 @@ def test_contrast_neurons_prefer_active_and_corpus_quiet_ones():
     assert {l: v.tolist() for l, v in chosen.items()} == {0: [1], 1: [3]}
 
 
+def test_fisher_neurons_prefer_loss_gradient_per_unit_of_corpus_change():
+    grads = {0: torch.tensor([[3.0, 1.0, 0.0], [0.0, 1.0, 0.1]]), 1: torch.tensor([[0.5, 2.0, 0.0], [0.5, 0.0, 0.0]])}
+    power = {0: torch.tensor([100.0, 1.0, 1.0]), 1: torch.tensor([0.01, 1.0, 1.0])}
+    chosen = fisher_neurons(grads, power, 2)   # scores: 0.09, 2, 0.01 | 50, 4, 0
+    assert {l: v.tolist() for l, v in chosen.items()} == {1: [0, 1]}
+
+
 # -- on tiny random models ---------------------------------------------------------------------------------
 
 PLANTED = RepairCase("def add(a, b):\n    return", " a + b")
 TINY = {"sparsity": "contrast", "neurons": "24", "steps": "40", "lr": "0.05", "step_rule": "minimal",
         "direction": "gradient"}
+TINY_FISHER = {**TINY, "sparsity": "fisher", "direction": "natural", "lr": "1.0"}
 
 
 @pytest.fixture
@@ -110,9 +134,10 @@ def test_the_corpus_halves_are_disjoint_and_deterministic():
     assert STAT_CORPUS.n_tokens >= 100_000
 
 
-def test_a_sparse_repair_changes_only_its_chosen_columns(tiny_llama, small_stat):
+@pytest.mark.parametrize("settings", [TINY, TINY_FISHER], ids=["contrast-gradient", "fisher-natural"])
+def test_a_sparse_repair_changes_only_its_chosen_columns(tiny_llama, small_stat, settings):
     snapshot = WeightSnapshot(tiny_llama.arch)
-    result = repair(tiny_llama, [PLANTED], "star", TINY, guard=None)
+    result = repair(tiny_llama, [PLANTED], "star", settings, guard=None)
     assert result.fixed, result.reason
     assert 0 < result.neurons <= 24
     for layer in range(tiny_llama.arch.n_layers):

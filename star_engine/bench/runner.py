@@ -57,6 +57,10 @@ ABLATION: list[tuple[str, dict]] = [
     ("star[local: contrast 128, covariance, seme]", _LOCAL | {"sparsity": "contrast", "neurons": "128", "protect": "covariance", "direction": "seme"}),
     ("star[local: contrast 128, covariance, gradient]", _LOCAL | {"sparsity": "contrast", "neurons": "128", "protect": "covariance", "direction": "gradient"}),
     ("star[local: contrast 512, covariance, gradient]", _LOCAL | {"sparsity": "contrast", "neurons": "512", "protect": "covariance", "direction": "gradient"}),
+    ("star[local: dense, covariance, natural]", _LOCAL | {"sparsity": "none", "protect": "covariance", "direction": "natural", "lr": "1.0"}),
+    ("star[local: contrast 128, covariance, natural]", _LOCAL | {"sparsity": "contrast", "neurons": "128", "protect": "covariance", "direction": "natural", "lr": "1.0"}),
+    ("star[local: fisher 128, covariance, natural]", _LOCAL | {"sparsity": "fisher", "neurons": "128", "protect": "covariance", "direction": "natural", "lr": "1.0"}),
+    ("star[local: fisher 460, covariance, natural]", _LOCAL | {"sparsity": "fisher", "neurons": "460", "protect": "covariance", "direction": "natural", "lr": "1.0"}),
 ]
 
 

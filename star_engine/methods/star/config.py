@@ -20,9 +20,11 @@ class StarConfig:
                           "only if it lowers the loss, else its scale is halved and retried; fixed: the paper's "
                           "constant eta (can overshoot). No rule but fixed ever accepts a higher loss"},
     )
-    direction: Literal["seme", "gradient", "prior"] = field(
+    direction: Literal["seme", "gradient", "prior", "natural"] = field(
         default="seme",
-        metadata={"help": "seme: the paper's |P| * -sign(G); gradient: -G; prior: the protected prior itself. "
+        metadata={"help": "seme: the paper's |P| * -sign(G); gradient: -G; prior: the protected prior itself; "
+                          "natural: -G Q⁻¹, scaled so that eta = 1 would remove the loss to first order (use "
+                          "with step_rule=minimal, lr=1). "
                           "With a protected metric, seme and gradient are realised again: the least change on "
                           "normal code with the same effect at the failing positions (none at the right ones)"},
     )
@@ -37,10 +39,11 @@ class StarConfig:
         default=1.0,
         metadata={"help": "fraction of layers to patch, ranked by FFN-skip loss (1.0 = all layers, no ranking)"},
     )
-    sparsity: Literal["none", "contrast", "global", "layer"] = field(
+    sparsity: Literal["none", "contrast", "fisher", "global", "layer"] = field(
         default="none",
         metadata={"help": "which neurons may change: none (all), contrast (the `neurons` most active at the "
-                          "failure relative to the corpus, over all layers), global / layer (grad x activation "
+                          "failure relative to the corpus, over all layers), fisher (the `neurons` with the most loss "
+                          "gradient per unit of corpus change, over all layers), global / layer (grad x activation "
                           "masks of the paper, `sparsity_ratio` of them)"},
     )
     neurons: int = field(default=128, metadata={"help": "contrast: neurons per patch (over all layers)"})

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from ...hooks import record_activations
-from ...locate import contrast_neurons, ffn_skip_losses, neuron_masks, neuron_scores, top_layers
+from ...locate import contrast_neurons, ffn_skip_losses, fisher_neurons, neuron_masks, neuron_scores, top_layers
 from ...protect import corpus_statistic
 from ...semantic import semantic_steer
 from ...session import RepairSession
 from ..base import RepairMethod
 from .config import StarConfig
-from .solver import Metric, protected_metric, protected_prior, realise, seme_direction
+from .solver import Metric, natural_direction, protected_metric, protected_prior, realise, seme_direction
 
 _MAX_SCALE = 8.0   # backtrack: a kept step may grow the scale up to this multiple of lr
 
@@ -65,9 +65,10 @@ class StarMethod(RepairMethod):
     def tightened(self) -> "StarMethod | None":
         """The same method with fewer neurons and stronger protection (for the driver's locality guard)."""
         cfg = self.config
-        if cfg.sparsity == "contrast" and cfg.neurons < 8:
+        counted = cfg.sparsity in ("contrast", "fisher")
+        if counted and cfg.neurons < 8:
             return None
-        neurons = cfg.neurons // 2 if cfg.sparsity == "contrast" else cfg.neurons
+        neurons = cfg.neurons // 2 if counted else cfg.neurons
         return StarMethod(replace(cfg, neurons=neurons, ridge=cfg.ridge / 10, keep_weight=cfg.keep_weight * 4,
                                   protect="covariance" if cfg.protect == "none" else cfg.protect))
 
@@ -126,15 +127,8 @@ class StarMethod(RepairMethod):
                     return True
                 now.loss.backward()
                 grads = {l: arch.as_columns(l, W.grad)[:, neurons[l]].clone() for l, W in zip(layers, params)}
-            steps = {}
-            for l in layers:
-                Z = now.rows[l][:, neurons[l]]
-                P = protected_prior(Z, S, metrics[l])
-                if cfg.direction == "prior":
-                    steps[l] = P
-                    continue
-                D = seme_direction(P, grads[l]) if cfg.direction == "seme" else -grads[l]
-                steps[l] = D if metrics[l].inverse is None else realise(D, Z, steered, metrics[l])
+            Z = {l: now.rows[l][:, neurons[l]] for l in layers}
+            steps = self._directions(Z, S, grads, steered, metrics, float(now.loss.detach()))
             if cfg.step_rule == "minimal":
                 outcome = self._minimal_step(session, problem, layers, neurons, steps, float(now.loss.detach()))
                 if outcome is not False:
@@ -145,6 +139,20 @@ class StarMethod(RepairMethod):
                 return False
         with torch.no_grad():
             return torch.equal(self._forward(session, problem, []).predicted, problem.target)
+
+    def _directions(self, Z, S, grads, steered, metrics, loss) -> dict[int, torch.Tensor]:
+        """The step direction of every layer: the prior, the gradient or the paper's |P| * -sign(G), realised
+        again with the least change on normal code when a metric protects it."""
+        cfg = self.config
+        if cfg.direction == "natural":
+            return natural_direction(grads, metrics, loss)
+        P = {l: protected_prior(Z[l], S, metrics[l]) for l in Z}
+        if cfg.direction == "prior":
+            return P
+        D = {l: seme_direction(P[l], grads[l]) if cfg.direction == "seme" else -grads[l] for l in Z}
+        if all(metrics[l].inverse is None for l in Z):
+            return D
+        return {l: realise(D[l], Z[l], steered, metrics[l]) for l in Z}
 
     def _take_step(self, session, problem, layers, neurons, steps, scale, loss) -> float | None:
         """W += scale * step. Backtracking keeps it only if the loss drops (else halves the scale and
@@ -231,6 +239,13 @@ class StarMethod(RepairMethod):
             stat = corpus_statistic(session.lm)
             active = {l: first.rows[l][steered] for l in layers}
             return contrast_neurons(active, {l: stat.diag(l) for l in layers}, cfg.neurons)
+        if cfg.sparsity == "fisher":
+            stat = corpus_statistic(session.lm)
+            with session.trainable(layers) as params:
+                self._forward(session, problem, layers).loss.backward()
+                grads = {l: session.arch.as_columns(l, W.grad).clone() for l, W in zip(layers, params)}
+            floor = {l: stat.diag(l) + cfg.ridge * float(stat.diag(l).mean()) for l in layers}
+            return fisher_neurons(grads, floor, cfg.neurons)
         ids, span = problem.inputs[0], problem.spans[0]
         first_wrong = int(steered.nonzero()[0])
         context = ids[0, : span.start + first_wrong + 1].tolist()

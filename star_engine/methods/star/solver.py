@@ -14,6 +14,9 @@
 The elementwise sign scrambles the prior's protection, so with a protected metric the step is realised
 again: the change with the smallest Q-norm that has the same effect as D_l at the steered positions and
 none at the keep rows. W_l <- W_l + eta * that.
+
+    N_l = -G_l Q_l⁻¹                                (direction=natural: the steepest loss descent per unit
+                                                    of change on normal code, no semantic steer)
 """
 
 from __future__ import annotations
@@ -89,6 +92,14 @@ def realise(D: torch.Tensor, Z: torch.Tensor, steered: torch.Tensor, metric: Met
     effect = Z @ D.T                                                  # (N, d)
     effect[~steered] = 0
     return protected_prior(Z, effect, metric)
+
+
+def natural_direction(G: dict[int, torch.Tensor], metrics: dict[int, Metric], loss: float) -> dict[int, torch.Tensor]:
+    """-G_l Q_l⁻¹ for every layer: the steepest descent of the loss per unit of change on normal code, scaled
+    so that its first-order loss drop at step 1 is the whole loss (eta = 1 would fix it if it were linear)."""
+    D = {l: -metrics[l].apply(G[l].T).T for l in G}
+    drop = -sum(float((G[l] * D[l]).sum()) for l in G)
+    return {l: d * (loss / drop) for l, d in D.items()} if drop > 0 else D
 
 
 def seme_direction(P: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
