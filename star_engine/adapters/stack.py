@@ -479,14 +479,23 @@ class PatchStack:
         except RegressionError:
             del self._adapters[adapter_id]
             raise
+        placed = False
         try:
             place(self.path / adapter_id)
+            placed = True
             manifest = self._manifest.copy()
             manifest.order.append(adapter_id)
             manifest.enabled[adapter_id] = True
             self.folder.write_manifest(manifest)
             self._manifest = manifest
         except BaseException:
+            # Nothing of the failed push may remain: a directory left in place but unlisted would be
+            # admitted (and applied) by the next load or the folder watcher.
+            if placed:
+                try:
+                    self.folder.delete_dir(adapter_id)
+                except OSError:
+                    shutil.rmtree(self.path / adapter_id, ignore_errors=True)
             self._adapters.pop(adapter_id, None)
             self._apply_state([i for i in self._applied if i != adapter_id])
             raise
