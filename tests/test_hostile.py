@@ -647,15 +647,15 @@ else:
 """
 
 
-def _killed_while_writing(mode: str, target: Path) -> int:
+def _killed_while_writing(mode: str, target: Path, tokenizer_dir: Path) -> int:
+    """Run a writer (on the tiny Llama, its tokenizer read from `tokenizer_dir`) and kill it with SIGKILL
+    once its first file is written; returns its pid."""
     import signal
     import subprocess
     import sys
 
-    from star_engine.model import model_dir
-
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, mode, str(target), str(model_dir())],
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, mode, str(target), str(tokenizer_dir)],
                             cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
@@ -672,8 +672,9 @@ def _temps(folder: Path) -> list[str]:
 
 
 @pytest.mark.timeout(120)
-def test_temporaries_beside_a_save_target_are_cleaned_when_their_writer_is_dead(tiny_llama, tmp_path):
-    dead = _killed_while_writing("save", tmp_path / "fix")
+def test_temporaries_beside_a_save_target_are_cleaned_when_their_writer_is_dead(tiny_llama, tiny_tokenizer_dir,
+                                                                               tmp_path):
+    dead = _killed_while_writing("save", tmp_path / "fix", tiny_tokenizer_dir)
     [left] = _temps(tmp_path)
     assert left.startswith(f".tmp-{dead}-")
     live = tmp_path / f".tmp-{os.getpid()}-live"          # a writer of this (live) process: never touched
@@ -686,9 +687,9 @@ def test_temporaries_beside_a_save_target_are_cleaned_when_their_writer_is_dead(
 
 
 @pytest.mark.timeout(120)
-def test_temporaries_in_a_stack_folder_are_cleaned_on_open(tokenizer, tmp_path):
+def test_temporaries_in_a_stack_folder_are_cleaned_on_open(tokenizer, tiny_tokenizer_dir, tmp_path):
     folder = tmp_path / "adapters"
-    dead = _killed_while_writing("stack", folder)
+    dead = _killed_while_writing("stack", folder, tiny_tokenizer_dir)
     (folder / ".tmp-import-abc123").mkdir()                 # these are only made under the folder lock
     (folder / ".trash-def456").mkdir()
     live = folder / f".tmp-{os.getpid()}-live"
@@ -787,17 +788,13 @@ print(json.dumps(out))
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="PatchStack.load() opens the folder lock for writing: on a read-only "
-                   "folder it raises EROFS, so the server serves no completion at all "
-                   "-- star_engine/adapters/folder.py")
-def test_a_read_only_folder_still_serves_its_patches_and_fails_the_repair_with_one_line(stack, tmp_path):
+def test_a_read_only_folder_still_serves_its_patches_and_fails_the_repair_with_one_line(stack, tiny_tokenizer_dir,
+                                                                                         tmp_path):
     import subprocess
     import sys
 
-    from star_engine.model import model_dir
-
     listed, listing = [i.id for i in stack.list()], folder_listing(stack.path)
-    child = [sys.executable, "-c", _READ_ONLY_CHILD, str(stack.path), str(model_dir())]
+    child = [sys.executable, "-c", _READ_ONLY_CHILD, str(stack.path), str(tiny_tokenizer_dir)]
     command = _with_mount(READ_ONLY, stack.path, child)
     count("full disk / read-only folder")
     done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=100)

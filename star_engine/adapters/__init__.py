@@ -34,6 +34,7 @@ Additions beyond the contract above:
     AdapterFolder(folder)             the same folder without a model (list, enable/disable, remove, export)
     load_adapter(lm, dir, *, base_digest=None, max_bytes=MAX_BYTES)
     AdapterError(ValueError)          every refusal; the message is one line
+    ReadOnlyFolderError(AdapterError) a change asked of a folder that cannot be written (it is still read)
 
 See docs/adapters.md for the format, the policies and the guarantees.
 """
@@ -46,6 +47,7 @@ _EXPORTS = {
     "MANIFEST": "folder",
     "AdapterFolder": "folder",
     "PatchInfo": "folder",
+    "ReadOnlyFolderError": "folder",
     "default_folder": "folder",
     "MAX_BYTES": "format",
     "Adapter": "format",

@@ -13,6 +13,7 @@ hand) is appended; an entry whose directory is gone is dropped with a warning.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -36,6 +37,11 @@ MANIFEST = "stack.json"
 MANIFEST_VERSION = 1
 ARCHIVE_SUFFIX = ".star.zip"
 _STALE_SECONDS = 3600      # leftover temp dirs older than this are deleted on load
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class ReadOnlyFolderError(AdapterError):
+    """A change was asked of an adapters folder this process cannot write (read-only mount, no permission)."""
 
 
 def default_folder() -> Path:
@@ -106,17 +112,58 @@ def dir_signature(directory: Path) -> tuple:
 
 class AdapterFolder:
     """The folder: manifest, adapter directories, archives. Safe against concurrent writers in other
-    processes and threads (a reentrant file lock on `.lock`)."""
+    processes and threads (a reentrant file lock on `.lock`).
+
+    A folder this process cannot write (a read-only mount, no write permission) is read without the lock:
+    its patches are listed and applied, and every change (`locked(write=True)`) raises ReadOnlyFolderError
+    with one line."""
 
     def __init__(self, path=None):
         self.path = Path(path).expanduser() if path is not None else default_folder()
         self._lock = FileLock(self.path / ".lock")
+        self.read_only: str | None = None      # why the folder cannot be written (None: it can, as far as known)
 
     @contextmanager
-    def locked(self):
-        self.path.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            yield
+    def locked(self, *, write: bool = False):
+        """The folder lock; on a folder that cannot be written, readers go on without it (nobody can
+        change it from here) and writers get ReadOnlyFolderError."""
+        err = self._acquire()
+        if err is None:
+            self.read_only = None
+            try:
+                yield
+            finally:
+                self._lock.release()
+            return
+        self.read_only = os.strerror(err)
+        if write:
+            raise self.read_only_error()
+        yield
+
+    def read_only_error(self) -> ReadOnlyFolderError:
+        return ReadOnlyFolderError(
+            f"the adapters folder {self.path} is read-only ({self.read_only}): its patches are applied, "
+            "but none can be added, removed, enabled, disabled or imported"
+        )
+
+    def _acquire(self) -> int | None:
+        """Take the lock (creating the folder if needed); the errno when the folder cannot be written."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if e.errno in _READ_ONLY_ERRNOS:
+                return e.errno
+            raise
+        lock = self.path / ".lock"
+        if not os.access(lock if os.path.lexists(lock) else self.path, os.W_OK):
+            return errno.EROFS if _on_read_only_mount(self.path) else errno.EACCES
+        try:
+            self._lock.acquire()
+        except OSError as e:
+            if e.errno in _READ_ONLY_ERRNOS:
+                return e.errno
+            raise
+        return None
 
     # -- reading --------------------------------------------------------------------------------------------
 
@@ -168,7 +215,7 @@ class AdapterFolder:
         return (sidecar.created if sidecar else None) or ""
 
     def write_manifest(self, manifest: Manifest) -> None:
-        with self.locked():
+        with self.locked(write=True):
             atomic_write_file(self.path / MANIFEST, manifest.to_bytes())
 
     def resolve(self, ref: str, ids: list[str] | None = None) -> str:
@@ -216,7 +263,7 @@ class AdapterFolder:
     # -- writing --------------------------------------------------------------------------------------------
 
     def set_enabled(self, adapter_id: str, enabled: bool) -> Manifest:
-        with self.locked():
+        with self.locked(write=True):
             manifest, _, _ = self.state()
             adapter_id = self.resolve(adapter_id, manifest.order)
             manifest.enabled[adapter_id] = enabled
@@ -234,7 +281,7 @@ class AdapterFolder:
 
     def remove(self, adapter_id: str) -> str:
         """Drop an adapter from the manifest, then delete its directory. Returns the id."""
-        with self.locked():
+        with self.locked(write=True):
             manifest, _, _ = self.state()
             adapter_id = self.resolve(adapter_id, manifest.order)
             manifest.order.remove(adapter_id)
@@ -249,8 +296,11 @@ class AdapterFolder:
         """Delete temporaries left by writers that died. Under the folder lock, so no writer of this folder
         is at work: `.tmp-<pid>-*` adapter directories whose process is gone, and the temporaries only
         ever made under the lock (`.tmp-import-*`, `.trash-*`, the manifest's temp file) go at once; any
-        other `.tmp-*` (an older star, a live pid) once older than an hour."""
+        other `.tmp-*` (an older star, a live pid) once older than an hour. Nothing to do (nothing can be
+        deleted) in a folder that cannot be written."""
         with self.locked():
+            if self.read_only:
+                return
             clean_dead_temps(self.path)
             self._clean_old()
 
@@ -298,6 +348,13 @@ class AdapterFolder:
 
             atomic_write_with(dest, pack)
             return dest
+
+
+def _on_read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def unpack_archive(archive: Path, into: Path, *, max_bytes: int = MAX_BYTES) -> tuple[Path, str]:

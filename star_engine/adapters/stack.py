@@ -185,8 +185,7 @@ class PatchStack:
         """Apply every enabled patch in manifest order. Returns messages about problems found (an adapter
         that fails validation is skipped and reported; it stays in the manifest)."""
         with self.lock:
-            self.folder.path.mkdir(parents=True, exist_ok=True)
-            self.folder.clean_stale()
+            self.folder.clean_stale()          # (creates the folder, unless it cannot be written)
             problems, _ = self._sync()
             self._loaded = True
             return problems
@@ -280,10 +279,11 @@ class PatchStack:
         return changes
 
     def _store(self, manifest: Manifest) -> None:
-        """Write the manifest when it changed (and is not already on disk as it is)."""
+        """Write the manifest when it changed (and is not already on disk as it is); a folder that cannot
+        be written keeps it in memory only."""
         if not manifest.same(self._manifest) or not (self.path / "stack.json").exists():
             stored, _ = self.folder.read_manifest()
-            if not manifest.same(stored):
+            if not manifest.same(stored) and not self.folder.read_only:
                 self.folder.write_manifest(manifest)
             self._manifest = manifest
 
@@ -351,7 +351,7 @@ class PatchStack:
         with the folder."""
         with self.lock:
             self._ensure_loaded()
-            with self.folder.locked():
+            with self.folder.locked(write=True):
                 self.sync()
                 yield
 
