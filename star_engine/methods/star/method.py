@@ -127,14 +127,15 @@ class StarMethod(RepairMethod):
                     return True
                 now.loss.backward()
                 grads = {l: arch.as_columns(l, W.grad)[:, neurons[l]].clone() for l, W in zip(layers, params)}
+            loss = float(now.loss.detach())
             Z = {l: now.rows[l][:, neurons[l]] for l in layers}
-            steps = self._directions(Z, S, grads, steered, metrics, float(now.loss.detach()))
+            steps = self._directions(Z, S, grads, steered, metrics, loss)
             if cfg.step_rule == "minimal":
-                outcome = self._minimal_step(session, problem, layers, neurons, steps, float(now.loss.detach()))
+                outcome = self._minimal_step(session, problem, layers, neurons, steps, loss)
                 if outcome is not False:
                     return bool(outcome)
                 continue
-            scale = self._take_step(session, problem, layers, neurons, steps, scale, float(now.loss.detach()))
+            scale = self._take_step(session, problem, layers, neurons, steps, scale, loss)
             if scale is None:
                 return False
         with torch.no_grad():
