@@ -273,14 +273,14 @@ def baselines(model: str | None, prefixes: list[str]) -> dict[str, list[float]]:
     * "same pipeline": the server's prompt, token healing and decoding, but no KV reuse and no cache."""
     import torch
 
-    from star_engine.generate import complete
+    from star_engine.decode import Decoder
+    from star_engine.generate import complete, complete_prompt
     from star_engine.model import load_model
-    from star_server.generation import Generator
     from star_server.prompting import Context, build_prompt
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))   # as the server does
     lm = load_model(model)
-    gen = Generator(lm)
+    gen = Decoder(lm)
     complete(lm, "import os\n", max_new_tokens=2)   # warm-up
     out = {"plain complete() (no server)": [], "same pipeline, no KV reuse/cache": []}
     for prefix in prefixes:
@@ -290,8 +290,8 @@ def baselines(model: str | None, prefixes: list[str]) -> dict[str, list[float]]:
         t0 = time.perf_counter()
         gen.reset()
         prompt = build_prompt(Context.at(prefix, len(prefix), 384), lm.tokenizer)
-        gen.run(prompt.text, max_new_tokens=prompt.max_new_tokens, multiline=prompt.multiline,
-                base_indent=prompt.base_indent, heal=prompt.heal)
+        complete_prompt(gen, prompt.text, max_new_tokens=prompt.max_new_tokens, multiline=prompt.multiline,
+                        base_indent=prompt.base_indent, heal=prompt.heal)
         out["same pipeline, no KV reuse/cache"].append((time.perf_counter() - t0) * 1000)
     return out
 

@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-budget-ms", type=int, default=d.latency_budget_ms,
                         help="automatic single-line completions return what they have after this long "
                              f"(default {d.latency_budget_ms}; 0: off)")
+    parser.add_argument("--multiline-budget-ms", type=int, default=d.multiline_budget_ms,
+                        help="automatic multi-line completions show the lines ready after this long and "
+                             f"continue at the next request (default {d.multiline_budget_ms}; 0: off)")
+    parser.add_argument("--no-speculate", dest="speculate", action="store_false",
+                        help="decode without prompt-lookup drafts (slower; the completions are the same)")
     parser.add_argument("--repair-method", default=d.repair_method, help=f"default: {d.repair_method}")
     parser.add_argument("--locality-budget", type=float, default=d.locality_budget,
                         help="largest share of unrelated next-token predictions a fix may change "
@@ -54,6 +59,8 @@ def _settings(args) -> Settings:
         "multiline": args.multiline,
         "debounceMs": args.debounce_ms,
         "latencyBudgetMs": args.latency_budget_ms,
+        "multilineBudgetMs": args.multiline_budget_ms,
+        "speculate": args.speculate,
         "repairMethod": args.repair_method,
         "localityBudget": args.locality_budget,
     })
@@ -79,12 +86,13 @@ def _argv(args) -> list[str]:
                         ("--max-tokens", args.max_tokens), ("--max-line-tokens", args.max_line_tokens),
                         ("--context-tokens", args.context_tokens), ("--multiline", args.multiline),
                         ("--debounce-ms", args.debounce_ms), ("--latency-budget-ms", args.latency_budget_ms),
+                        ("--multiline-budget-ms", args.multiline_budget_ms),
                         ("--repair-method", args.repair_method), ("--locality-budget", args.locality_budget),
                         ("--threads", args.threads),
                         ("--log-level", args.log_level), ("--log-file", args.log_file)]:
         if value is not None:
             out += [flag, str(value)]
-    return out
+    return out + ([] if args.speculate else ["--no-speculate"])
 
 
 def _passive_openmp(args) -> None:

@@ -8,7 +8,10 @@
   oldest), and an optional server-side debounce delays automatic requests.
 * Latency budget: an automatic single-line completion still running `latencyBudgetMs` after its
   request arrived stops with the partial line it has (cached for typing-forward only; an explicitly
-  invoked completion is never cut).
+  invoked completion is never cut). An automatic multi-line completion still running
+  `multilineBudgetMs` after it arrived shows the whole lines it has (or its first line so far); the
+  decoder keeps what it fed, so the next request — after the user accepts those lines, or asks again —
+  continues the block from there instead of starting over.
 """
 
 from __future__ import annotations
@@ -59,7 +62,19 @@ class Stats:
     accepted: int = 0
     truncated: int = 0
     errors: int = 0
+    new_tokens: int = 0
+    forward_passes: int = 0
+    drafted: int = 0
+    draft_accepted: int = 0
     generation_seconds: list = field(default_factory=list)
+
+    def count(self, decoded) -> None:
+        self.generated += 1
+        self.generation_seconds.append(decoded.seconds)
+        self.new_tokens += len(decoded.ids)
+        self.forward_passes += decoded.forward_passes
+        self.drafted += decoded.drafted
+        self.draft_accepted += decoded.accepted
 
     def to_json(self, cache: CompletionCache) -> dict:
         g = sorted(self.generation_seconds[-1000:])
@@ -67,7 +82,8 @@ class Stats:
         return {
             "requests": self.requests, "generated": self.generated, "cached": self.cached,
             "cancelled": self.cancelled, "empty": self.empty, "accepted": self.accepted,
-            "truncated": self.truncated, "errors": self.errors,
+            "truncated": self.truncated, "errors": self.errors, "newTokens": self.new_tokens,
+            "forwardPasses": self.forward_passes, "drafted": self.drafted, "draftAccepted": self.draft_accepted,
             "generationMsP50": p(0.5), "generationMsP95": p(0.95), "cache": cache.stats(),
         }
 
@@ -118,20 +134,18 @@ class CompletionService:
                 self.stats.cancelled += 1
                 return None
             loop = asyncio.get_running_loop()
-            budget = settings.latency_budget_ms if automatic else 0
-            deadline = arrived + budget / 1000 if budget else None
             async with self.server.status.generation() as g:
                 try:
                     text, generated, version, multiline = await loop.run_in_executor(
-                        self.executor, self._generate, uri, context, settings, cancel, deadline
+                        self.executor, self._generate, uri, context, settings, cancel,
+                        arrived if automatic else None,
                     )
                 except GenerationCancelled:
                     self.stats.cancelled += 1
                     return None
                 if not multiline:   # long multi-line completions are expected to take seconds
-                    g.seconds = generated.seconds
-            self.stats.generated += 1
-            self.stats.generation_seconds.append(generated.seconds)
+                    g.seconds = generated.decoded.seconds
+            self.stats.count(generated.decoded)
             self.stats.truncated += generated.truncated
             self.cache.put(context, settings.generation_key() + (version, host.model_name), text,
                            exact=not generated.truncated)
@@ -148,8 +162,9 @@ class CompletionService:
         window = self.server.host.context_window
         return max(16, min(settings.context_tokens, window - max(settings.max_tokens, settings.max_line_tokens) - 8))
 
-    def _generate(self, uri, context: Context, settings, cancel: threading.Event, deadline: float | None):
-        """In the generation worker: prompt, generate, post-process."""
+    def _generate(self, uri, context: Context, settings, cancel: threading.Event, arrived: float | None):
+        """In the generation worker: prompt, generate, post-process. `arrived`: when an automatic request
+        came (its latency budget counts from there); None for an invoked one (never cut)."""
         if cancel.is_set():
             raise GenerationCancelled()
         host = self.server.host
@@ -160,11 +175,15 @@ class CompletionService:
             max_tokens=settings.max_tokens,
             max_line_tokens=settings.max_line_tokens,
         )
-        generated, version = host.complete(uri, prompt, cancel, deadline)
+        budget = settings.multiline_budget_ms if prompt.multiline else settings.latency_budget_ms
+        deadline = arrived + budget / 1000 if arrived is not None and budget else None
+        generated, version = host.complete(uri, prompt, cancel, deadline, settings.speculate)
         text = postprocess(generated.text, prompt)
+        d = generated.decoded
         log.debug(
-            "completion %.0f ms (prompt %d tokens, %d reused, %d new): %r",
-            generated.seconds * 1000, generated.prompt_tokens, generated.reused_tokens, generated.new_tokens, text,
+            "completion %.0f ms (prompt %d tokens, %d reused, %d new in %d passes, %d/%d drafted accepted): %r",
+            d.seconds * 1000, d.prompt_tokens, d.reused_tokens, len(d.ids), d.forward_passes, d.accepted,
+            d.drafted, text,
         )
         return text, generated, version, prompt.multiline
 

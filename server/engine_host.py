@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 from star_engine.case import RepairCase
+from star_engine.decode import Decoder
+from star_engine.generate import Completion, complete_prompt
 from star_engine.guard import GuardConfig, guard_for
 from star_engine.model import LoadedModel, load_model
 from star_engine.repair import RepairResult, keep_or_undo, repair
 
-from .generation import Generated, Generator
 from .patches import open_stack
 from .rwlock import RWLock
 
@@ -69,7 +70,7 @@ class EngineHost:
         self.serving: LoadedModel | None = None
         self.workbench: LoadedModel | None = None
         self.stack = None
-        self.generator: Generator | None = None
+        self.decoder: Decoder | None = None
         self.version = 0
         self.adapters_dir: Path | None = None
         self._repairing = threading.Lock()
@@ -112,7 +113,7 @@ class EngineHost:
         self.close()
         with self.rw.write():
             self.serving, self.workbench, self.stack = serving, workbench, stack
-            self.generator = Generator(serving)
+            self.decoder = Decoder(serving)
             self.adapters_dir = folder
             self.version += 1
         try:
@@ -134,11 +135,12 @@ class EngineHost:
     # -- completions ---------------------------------------------------------------------------------
 
     def complete(self, key: str, prompt, cancel: threading.Event | None,
-                 deadline: float | None = None) -> tuple[Generated, int]:
-        """Generate for a `prompting.Prompt` on the serving model. Returns (generated, weights version)."""
+                 deadline: float | None = None, speculate: bool = True) -> tuple[Completion, int]:
+        """Complete a `prompting.Prompt` on the serving model. Returns (completion, weights version)."""
         with self.rw.read():
-            version, generator = self.version, self.generator
-            out = generator.run(
+            version, decoder = self.version, self.decoder
+            out = complete_prompt(
+                decoder,
                 prompt.text,
                 max_new_tokens=prompt.max_new_tokens,
                 multiline=prompt.multiline,
@@ -147,6 +149,7 @@ class EngineHost:
                 cancel=cancel,
                 deadline=deadline,
                 key=key,
+                speculate=speculate,
             )
             return out, version
 
@@ -158,7 +161,7 @@ class EngineHost:
         with self.rw.write():
             _copy_out_proj(self.workbench, self.serving, layers)
             self.version += 1
-            self.generator.reset()
+            self.decoder.reset()
 
     def _changed(self, reason: str, problems: list[str] | None = None) -> None:
         if self.on_weights_changed is not None:

@@ -22,6 +22,8 @@ class Settings:
     multiline: str = "auto"
     debounce_ms: int = 0               # server-side debounce of *automatic* completion requests
     latency_budget_ms: int = 500       # automatic single-line completions stop here with a partial line (0: off)
+    multiline_budget_ms: int = 350     # automatic multi-line completions show the lines ready by then (0: off)
+    speculate: bool = True             # prompt-lookup drafts in decoding (the output is the same either way)
     repair_method: str = "star"
     locality_budget: float = GuardConfig().budget   # a fix may move at most this share of unrelated predictions (1: off)
     mark_wrong_command: str = "starRepair.markWrong"   # client command run by the code action
@@ -73,6 +75,12 @@ def _int_in(low: int, high: int):
     return check
 
 
+def _boolean(value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r}")
+    return value
+
+
 def _fraction(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"expected a number, got {value!r}")
@@ -100,6 +108,8 @@ _KEYS = {
     "multiline": ("multiline", _multiline),
     "debounceMs": ("debounce_ms", _int_in(0, 5000)),
     "latencyBudgetMs": ("latency_budget_ms", _int_in(0, 600000)),
+    "multilineBudgetMs": ("multiline_budget_ms", _int_in(0, 600000)),
+    "speculate": ("speculate", _boolean),
     "repairMethod": ("repair_method", _string),
     "localityBudget": ("locality_budget", _fraction),
     "markWrongCommand": ("mark_wrong_command", _string),

@@ -87,7 +87,8 @@ async def test_capabilities_and_ready_status(shared):
 @on_shared
 async def test_inline_completion_is_the_models_greedy_completion(shared, tiny_model_dir, tokenizer):
     from star_engine.model import load_model
-    from star_server.generation import Generator
+    from star_engine.decode import Decoder
+    from star_engine.generate import complete_prompt
     from star_server.prompting import Context, build_prompt, postprocess
 
     client = shared
@@ -97,7 +98,7 @@ async def test_inline_completion_is_the_models_greedy_completion(shared, tiny_mo
     result = await inline(client, uri, end_of(text))
     lm = load_model(str(tiny_model_dir))   # the same pipeline in this process, without LSP, cache or KV reuse
     prompt = build_prompt(Context.at(text, len(text), 384), lm.tokenizer)
-    generated = Generator(lm).run(prompt.text, max_new_tokens=prompt.max_new_tokens, heal=prompt.heal)
+    generated = complete_prompt(Decoder(lm), prompt.text, max_new_tokens=prompt.max_new_tokens, heal=prompt.heal)
     expected = postprocess(generated.text, prompt)
     assert expected, "the tiny model writes something here"
     assert [item.insert_text for item in result.items] == [expected]

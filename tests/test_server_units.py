@@ -1,5 +1,5 @@
 """Unit tests of the language server's plain-data modules: settings, prompting, the completion cache,
-the readers-writer lock, documents, and KV-cache reuse in generation (on tiny models of every family)."""
+the readers-writer lock and documents (decoding: tests/test_decode.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,9 @@ import time
 import pytest
 from lsprotocol import types
 
-from conftest import make_tiny
 from helpers import FimTokenizer
-from star_engine.generate import complete
 from star_server.cache import CompletionCache
 from star_server.documents import BadPosition, offset_at, position_arg
-from star_server.generation import Generator
 from star_server.prompting import Context, build_prompt, decide_mode, postprocess
 from star_server.rwlock import RWLock
 from star_server.settings import Settings, section
@@ -35,6 +32,9 @@ def test_settings_from_options_and_problems():
     assert section({"star": {"maxTokens": 3}}) == {"maxTokens": 3}
     assert section({"maxTokens": 3}) == {"maxTokens": 3}
     assert Settings().to_json()["maxLineTokens"] == 24
+    s4, problems = Settings().updated({"speculate": False, "multilineBudgetMs": 0})
+    assert (s4.speculate, s4.multiline_budget_ms, problems) == (False, 0, [])
+    assert Settings().updated({"speculate": "no"})[1] == ["setting speculate: expected true or false, got 'no'"]
 
 
 # -- prompting --------------------------------------------------------------------------------------------
@@ -221,67 +221,6 @@ def test_offsets_use_utf16_and_reject_outside_positions():
             position_arg(bad)
 
 
-# -- generation --------------------------------------------------------------------------------------------------
-
-
-def test_token_healing_constrains_decoding_until_the_heal_is_spelled(tokenizer):
-    """Against a brute-force reference: full forward passes, and at each healing step the argmax over
-    the tokens that start with what is left of `heal` or are a prefix of it."""
-    import torch
-
-    lm = make_tiny("llama", tokenizer)
-    gen = Generator(lm)
-    three = tokenizer("\n   ", add_special_tokens=False)["input_ids"]
-    assert len(three) == 1 and three[0] in set(gen.vocab.allowed("\n    ").tolist())   # a prefix of the heal
-    special = set(tokenizer.all_special_ids)
-    texts = [tokenizer.decode([i]) for i in range(len(tokenizer))]
-    for prompt, heal in [("def f(x):", "\n    "), ("import os\nos", ".wa"), ("x =", " ")]:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        new, rest = [], heal
-        with torch.no_grad():
-            while rest:
-                logits = lm.model(torch.tensor([ids + new])).logits[0, -1]
-                ok = [i for i, t in enumerate(texts) if t and i not in special
-                      and (t.startswith(rest) or rest.startswith(t))]
-                token = max(ok, key=lambda i: float(logits[i]))
-                new.append(token)
-                rest = rest[len(texts[token]):] if rest.startswith(texts[token]) else ""
-        out = gen.run(prompt, max_new_tokens=3, heal=heal, multiline=True, key=prompt)
-        assert out.new_tokens > len(new)
-        assert gen._kv[prompt].fed[len(ids) : len(ids) + len(new)] == new   # the healing tokens fed back
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "codegen"])
-def test_generation_with_kv_reuse_matches_plain_greedy(family, tokenizer):
-    lm = make_tiny(family, tokenizer)
-    gen = Generator(lm)
-    text = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fib"
-    for prompt in [text, text + "onacci(n - 1)", text + "onacci(n", text[:-10], text]:
-        got = gen.run(prompt, max_new_tokens=12, key="doc")
-        assert got.text == complete(lm, prompt, max_new_tokens=12)
-    assert got.reused_tokens > 0   # the last prompt reused the cache of the one before
-    # the user typed what the model had generated: that prompt was fed entirely and its next-token logits
-    # are kept, so decoding starts without a forward pass
-    gen.run(text, max_new_tokens=2, key="again")
-    fed = list(gen._kv["again"].fed)
-    longer = tokenizer.decode(fed)
-    assert len(longer) > len(text)                                          # the first generated token was fed
-    assert tokenizer(longer, add_special_tokens=False)["input_ids"] == fed   # and ends at a clean token boundary
-    again = gen.run(longer, max_new_tokens=12, key="again")
-    assert again.prompt_tokens == again.reused_tokens == len(fed)
-    assert again.text == complete(lm, longer, max_new_tokens=12)
-
-
-def test_latency_deadline_cuts_single_line_generations_only(tokenizer):
-    gen = Generator(make_tiny("llama", tokenizer))
-    full = gen.run("print(add", max_new_tokens=20, key="a")
-    assert full.new_tokens == 20 and not full.truncated
-    cut = gen.run("print(add", max_new_tokens=20, deadline=0.0, key="a")   # long past
-    assert cut.truncated and cut.new_tokens == 1 and cut.text and full.text.startswith(cut.text)
-    multi = gen.run("print(add", max_new_tokens=20, multiline=True, deadline=0.0, key="a")
-    assert not multi.truncated and multi.new_tokens == 20
-
-
 def test_cache_keeps_only_forward_entries_of_a_partial_line():
     cache = CompletionCache()
     ctx = Context.at("x = ", 4, 64)
@@ -290,15 +229,3 @@ def test_cache_keeps_only_forward_entries_of_a_partial_line():
     assert cache.get(ctx.extended("com"), ()) == "pute("
 
 
-def test_generation_cancels_cooperatively(tokenizer):
-    from star_engine.generate import GenerationCancelled
-
-    gen = Generator(make_tiny("llama", tokenizer))
-    cancel = threading.Event()
-    cancel.set()
-    gen.run("import os\nx = ", max_new_tokens=3, key="doc")
-    with pytest.raises(GenerationCancelled):
-        gen.run("import os\nx = 1", max_new_tokens=50, cancel=cancel, key="doc")
-    again = gen.run("import os\nx = 1", max_new_tokens=5, key="doc")
-    assert again.reused_tokens > 0   # the cache survived the cancellation
-    assert again.text == complete(gen.lm, "import os\nx = 1", max_new_tokens=5)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..capture import encode, encode_case, target_text
 from ..case import RepairCase
-from ..generate import greedy_ids, writes_fix
+from ..generate import first_line_ids, writes_fix
 from ..model import LoadedModel
 
 TEMPLATES = {
@@ -95,16 +95,6 @@ def _alternates(lm: LoadedModel, kind: str, record: dict, by_target: dict[str, l
     return [Scored(tuple(encode(lm, prompt_for(kind, i))), cont) for i in intents]
 
 
-def _greedy_line(lm: LoadedModel, prompt_ids: tuple[int, ...]) -> tuple[int, ...]:
-    """The model's greedy continuation up to and including the token that ends its first line."""
-    out = []
-    for t in greedy_ids(lm, prompt_ids, CONTROL_TOKENS):
-        out.append(t)
-        if "\n" in lm.tokenizer.decode([t]):
-            break
-    return tuple(out)
-
-
 def build(lm: LoadedModel, records: list[dict], *, kind: str, limit: int, seed: int, n_controls: int,
           max_target_tokens: int = MAX_TARGET_TOKENS, progress=None) -> BenchData:
     """Cases: the first `limit` records, after a seeded shuffle, whose target fits and that the model gets
@@ -138,7 +128,7 @@ def build(lm: LoadedModel, records: list[dict], *, kind: str, limit: int, seed: 
     controls = []
     for i in sample:
         p = tuple(encode(lm, prompt_for(kind, records[i]["intent"])))
-        line = _greedy_line(lm, p)
+        line = tuple(first_line_ids(lm, p, CONTROL_TOKENS))
         if line:
             controls.append(Scored(p, line))
     return BenchData(kind, cases, controls, checked, right, too_long)
