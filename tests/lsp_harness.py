@@ -1,10 +1,16 @@
 """The LSP client side of the server tests: start `python -m star_server` under pytest-lsp, wait for its
-`ready` status, and the requests the tests send (documents, inline completions, commands, raw JSON-RPC)."""
+`ready` status, and the requests the tests send (documents, inline completions, commands, raw JSON-RPC);
+one server shared by several tests, cleaned between them; the issue's apply-fix flow; and a raw stdio
+client for bytes no LSP client would write."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import queue
+import subprocess
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import Future
@@ -58,7 +64,26 @@ async def start_client(command: list[str], *, capabilities=INLINE_CAPS, options:
         types.InitializeParams(capabilities=capabilities, initialization_options=options)
     )
     await wait_for(lambda: any(s.kind in ("ready", "error") for s in client.statuses), ready_timeout, "ready status")
+    client.startup_statuses = list(client.statuses)
     return client
+
+
+async def start_tiny(model_dir: Path, adapters: Path, *extra: str, **options):
+    """A server on a tiny model saved at `model_dir`, its adapters folder kept as `client.adapters`."""
+    client = await start_client(server_command(model_dir, adapters, *extra), **options)
+    client.adapters = adapters
+    return client
+
+
+async def clean_slate(client) -> None:
+    """Between the tests that share one server: every patch a test left (a failed one too) removed, and the
+    client's records of statuses, messages and progress emptied, so that each test sees only its own."""
+    for patch in await command(client, "star.patches.list"):
+        await command(client, "star.patches.remove", {"id": patch["id"]})
+    assert await command(client, "star.patches.list") == []
+    client.statuses.clear()
+    client.messages.clear()
+    client.progress_reports.clear()
 
 
 async def stop_client(client) -> None:
@@ -124,3 +149,90 @@ def raw_request(client, method: str, params, msg_id: str | None = None):
 def fix_args(uri: str, position: types.Position, completion: str, fix: str) -> dict:
     return {"uri": uri, "position": {"line": position.line, "character": position.character},
             "completion": completion, "fix": fix}
+
+
+async def apply_the_demo_fix(client, adapters: Path, uri: str) -> tuple[dict, str | None, types.Position]:
+    """The issue's flow: after FIX_PROMPT the model writes something else; star.applyFix with FIX fixes it,
+    with $/progress from a cancellable begin through reports to an end saying "fixed" and a "STAR fixed"
+    message; the next completion there is FIX and the patch is a directory in `adapters`. Returns the reply,
+    the completion before the fix and the cursor position."""
+    open_doc(client, uri, FIX_PROMPT)
+    at = end_of(FIX_PROMPT)
+    before = await inline_text(client, uri, at)
+    assert before != FIX
+    reply = await command(client, "star.applyFix", fix_args(uri, at, before or "", FIX))
+    assert reply["fixed"] is True and reply["neurons"] > 0 and reply["layers"] and reply["patchId"], reply
+    assert "fixed" in reply["message"]
+    (reports,) = client.progress_reports.values()
+    assert isinstance(reports[0], types.WorkDoneProgressBegin) and reports[0].cancellable
+    assert any(isinstance(r, types.WorkDoneProgressReport) for r in reports)
+    assert isinstance(reports[-1], types.WorkDoneProgressEnd) and reports[-1].message == "fixed"
+    assert any(m.type == types.MessageType.Info and m.message.startswith("STAR fixed") for m in client.messages)
+    assert await inline_text(client, uri, at) == FIX
+    assert (adapters / reply["patchId"]).is_dir()
+    return reply, before, at
+
+
+# -- raw stdio: any bytes can be written ------------------------------------------------------------------------
+
+
+def frame(body: bytes) -> bytes:
+    return b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def read_message(stream) -> dict | None:
+    """The next framed JSON-RPC message on a binary stream (None at its end)."""
+    length = None
+    while (line := stream.readline()) not in (b"\r\n", b"\n"):
+        if not line:
+            return None
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return json.loads(stream.read(length))
+
+
+class RawServer:
+    """The server process over raw stdin, with a thread that reads its framed replies."""
+
+    def __init__(self, command):
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.replies: dict = {}
+        self.responses: list = []          # every reply in the order it came, those with id null included
+        self.notifications: queue.Queue = queue.Queue()
+        self.sent = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        while (message := read_message(self.proc.stdout)) is not None:
+            if "id" in message and "method" not in message:
+                self.responses.append(message)
+                self.replies[json.dumps(message["id"])] = message   # ids may be anything the fuzz sent
+            else:
+                self.notifications.put(message)
+
+    def write(self, body: bytes) -> None:
+        self.write_raw(frame(body))
+
+    def write_raw(self, data: bytes) -> None:
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+        self.sent += 1
+
+    def send(self, message: dict) -> None:
+        self.write(json.dumps(message).encode())
+
+    def request(self, msg_id, method, params, timeout=180.0) -> dict:
+        self.send({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
+        return self.reply(msg_id, method, timeout)
+
+    def reply(self, msg_id, method="the request", timeout=180.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while json.dumps(msg_id) not in self.replies:
+            assert self.proc.poll() is None, "the server died"
+            assert time.monotonic() < deadline, f"no reply to {method}"
+            time.sleep(0.02)
+        return self.replies.pop(json.dumps(msg_id))
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()

@@ -8,22 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import socket
 import subprocess
-import threading
 import time
 
 import pytest
 
 from star_server.framing import MAX_CONTENT_LENGTH, FrameReader, FramingError
-from lsp_harness import server_command
+from lsp_harness import RawServer, frame, read_message, server_command
 
 PARSE_ERROR, INVALID_REQUEST = -32700, -32600
-
-
-def frame(body: bytes) -> bytes:
-    return b"Content-Length: %d\r\n\r\n" % len(body) + body
 
 
 def rpc(**fields) -> bytes:
@@ -70,71 +64,15 @@ CASES = {
 }
 
 
-class Server:
-    """The server process over raw stdin (any bytes can be written), with a thread that reads its framed
-    replies (also used by test_server_fuzz.py)."""
-
-    def __init__(self, command):
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        self.replies: dict = {}
-        self.responses: list = []          # every reply in the order it came, those with id null included
-        self.notifications: queue.Queue = queue.Queue()
-        self.sent = 0
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        out = self.proc.stdout
-        while True:
-            length = None
-            while True:
-                line = out.readline()
-                if not line:
-                    return
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-                if line in (b"\r\n", b"\n"):
-                    break
-            message = json.loads(out.read(length))
-            if "id" in message and "method" not in message:
-                self.responses.append(message)
-                self.replies[json.dumps(message["id"])] = message   # ids may be anything the fuzz sent
-            else:
-                self.notifications.put(message)
-
-    def write(self, body: bytes) -> None:
-        self.write_raw(b"Content-Length: %d\r\n\r\n" % len(body) + body)
-
-    def write_raw(self, data: bytes) -> None:
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
-        self.sent += 1
-
-    def send(self, message: dict) -> None:
-        self.write(json.dumps(message).encode())
-
-    def request(self, msg_id, method, params, timeout=180.0) -> dict:
-        self.send({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
-        return self.reply(msg_id, method, timeout)
-
-    def reply(self, msg_id, method="the request", timeout=180.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while json.dumps(msg_id) not in self.replies:
-            assert self.proc.poll() is None, "the server died"
-            assert time.monotonic() < deadline, f"no reply to {method}"
-            time.sleep(0.02)
-        return self.replies.pop(json.dumps(msg_id))
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("framing")
-    s = Server(server_command(tiny_model_dir, root / "adapters", "--log-file", str(root / "server.log")))
+    s = RawServer(server_command(tiny_model_dir, root / "adapters", "--log-file", str(root / "server.log")))
     s.log = root / "server.log"
     s.request(0, "initialize", {"processId": None, "capabilities": {}})
     s.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
     yield s
-    s.proc.kill()
-    s.proc.wait()
+    s.stop()
 
 
 def _answered(server, msg_id: str) -> dict:
@@ -196,20 +134,12 @@ def test_over_tcp_the_same_reader_is_used(tiny_model_dir, tmp_path):  # noqa: F8
         with sock:
             sock.sendall(b"Content-Length: 1000000000000\r\n\r\n" + frame(REQUEST))
             replies = sock.makefile("rb")
-            got = [_read_framed(replies), _read_framed(replies)]
+            got = [read_message(replies), read_message(replies)]
         assert got[0]["error"]["code"] == PARSE_ERROR and got[0]["id"] is None
         assert got[1]["id"] == "r" and "result" in got[1]
     finally:
         proc.kill()
         proc.wait()
-
-
-def _read_framed(stream) -> dict:
-    length = None
-    while (line := stream.readline()) not in (b"\r\n", b""):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    return json.loads(stream.read(length))
 
 
 # -- the reader alone: any cut of the stream gives the same messages ------------------------------------------------

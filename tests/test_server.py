@@ -1,6 +1,10 @@
 """The language server end to end, with pytest-lsp as the client, against the real server process
 (`python -m star_server`) on a tiny random model saved to disk: capabilities, completions, applyFix with
-progress, the patch commands, cancellation, settings, the code action, hot reload, and bad input."""
+progress, the patch commands, cancellation, settings, the code action, hot reload, and bad input.
+
+Starting a server takes seconds, so most tests share one (`shared`; `server` is the same one cleaned
+before and after a test that changes it) and a second one whose client has no inline completion
+(`plain`); only what needs a server of its own (initialization options, a vanishing client) starts one."""
 
 from __future__ import annotations
 
@@ -19,6 +23,9 @@ from lsp_harness import (
     FIX,
     FIX_PROMPT,
     PLAIN_CAPS,
+    RawServer,
+    apply_the_demo_fix,
+    clean_slate,
     command,
     end_of,
     fix_args,
@@ -28,6 +35,7 @@ from lsp_harness import (
     raw_request,
     server_command,
     start_client,
+    start_tiny,
     stop_client,
     wait_for,
 )
@@ -48,20 +56,35 @@ LONG = "print(add"
 # -- fixtures ------------------------------------------------------------------------------------------------------
 
 
-@pytest_asyncio.fixture
-async def client(tiny_model_dir, tmp_path):
-    """A server of its own (for tests that change the weights or the settings)."""
-    c = await start_client(server_command(tiny_model_dir, tmp_path / "adapters"))
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared(tiny_model_dir, tmp_path_factory):
+    """One server for the tests of this module."""
+    c = await start_tiny(tiny_model_dir, tmp_path_factory.mktemp("shared-adapters"))
     yield c
     await stop_client(c)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def shared(tiny_model_dir, tmp_path_factory):
-    """One server for the read-only tests of this module (starting a server takes seconds)."""
-    c = await start_client(server_command(tiny_model_dir, tmp_path_factory.mktemp("shared-adapters")))
+async def plain_server(tiny_model_dir, tmp_path_factory):
+    c = await start_tiny(tiny_model_dir, tmp_path_factory.mktemp("plain-adapters"), capabilities=PLAIN_CAPS)
     yield c
     await stop_client(c)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def server(shared):
+    """The shared server for a test that changes it: no patch, empty records, before and after."""
+    await clean_slate(shared)
+    yield shared
+    await clean_slate(shared)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def plain(plain_server):
+    """A second server, whose client has no inline completion (cleaned like `server`)."""
+    await clean_slate(plain_server)
+    yield plain_server
+    await clean_slate(plain_server)
 
 
 on_shared = pytest.mark.asyncio(loop_scope="module")
@@ -79,7 +102,7 @@ async def test_capabilities_and_ready_status(shared):
     assert caps.code_action_provider is not None
     assert PROTOCOL_COMMANDS <= set(caps.execute_command_provider.commands)
     assert client.init_result.server_info.name == "star"
-    first, second = client.statuses[:2]
+    first, second = client.startup_statuses[:2]
     assert (first.kind, first.busy, second.kind, second.busy) == ("loading", True, "ready", False)
     assert second.message.startswith("ready")
 
@@ -120,23 +143,11 @@ async def test_inline_completion_is_the_models_greedy_completion(shared, tiny_mo
     assert (await command(client, "star.stats"))["cache"]["forwardHits"] == forwarded + 1
 
 
-async def test_apply_fix_end_to_end_with_progress_and_patch_commands(client, tmp_path):
+@on_shared
+async def test_apply_fix_end_to_end_with_progress_and_patch_commands(server, tmp_path):
+    client = server
     uri = "file:///tmp/fix.py"
-    open_doc(client, uri, FIX_PROMPT)
-    at = end_of(FIX_PROMPT)
-    before = await inline_text(client, uri, at)
-    assert before != FIX
-
-    reply = await command(client, "star.applyFix", fix_args(uri, at, before or "", FIX))
-    assert reply["fixed"] is True and reply["neurons"] > 0 and reply["layers"] and reply["patchId"]
-    assert "fixed" in reply["message"]
-    assert await inline_text(client, uri, at) == FIX
-
-    # $/progress: begin ... end, cancellable; a showMessage saying it is fixed
-    (reports,) = client.progress_reports.values()
-    assert isinstance(reports[0], types.WorkDoneProgressBegin) and reports[0].cancellable
-    assert isinstance(reports[-1], types.WorkDoneProgressEnd) and reports[-1].message == "fixed"
-    assert any(m.type == types.MessageType.Info and "fixed" in m.message for m in client.messages)
+    reply, before, at = await apply_the_demo_fix(client, client.adapters, uri)
     kinds = [s.kind for s in client.statuses]
     assert "repairing" in kinds and kinds[-1] in ("ready", "slow")
 
@@ -144,7 +155,6 @@ async def test_apply_fix_end_to_end_with_progress_and_patch_commands(client, tmp
     patches = await command(client, "star.patches.list")
     assert [p["id"] for p in patches] == [reply["patchId"]]
     assert patches[0]["fix"] == FIX and patches[0]["prompt"] == FIX_PROMPT and patches[0]["enabled"]
-    assert (tmp_path / "adapters" / reply["patchId"]).is_dir()
 
     assert await command(client, "star.patches.setEnabled", {"id": reply["patchId"], "enabled": False}) == \
         {"id": reply["patchId"], "enabled": False}
@@ -172,7 +182,9 @@ async def test_apply_fix_end_to_end_with_progress_and_patch_commands(client, tmp
         await command(client, "star.patches.remove", {"id": "no-such-patch"})
 
 
-async def test_completions_during_a_repair_use_the_old_weights(client):
+@on_shared
+async def test_completions_during_a_repair_use_the_old_weights(server):
+    client = server
     uri = "file:///tmp/during.py"
     open_doc(client, uri, FIX_PROMPT)
     at = end_of(FIX_PROMPT)
@@ -190,7 +202,9 @@ async def test_completions_during_a_repair_use_the_old_weights(client):
     assert await inline_text(client, other, end_of(FIX_PROMPT + "\n")) == during
 
 
-async def test_apply_fix_cancelled_through_progress(client):
+@on_shared
+async def test_apply_fix_cancelled_through_progress(server):
+    client = server
     uri = "file:///tmp/cancel-fix.py"
     open_doc(client, uri, FIX_PROMPT)
     at = end_of(FIX_PROMPT)
@@ -254,10 +268,13 @@ async def test_bad_input_gets_errors_or_empty_results(shared):
     assert isinstance(await inline(client, uri, types.Position(1, 0)), types.InlineCompletionList)
 
 
-async def test_cancel_request_stops_the_generation(tiny_model_dir, tmp_path):
+@on_shared
+async def test_cancel_request_stops_the_generation(server):
+    c = server
     # long multi-line generations (the tiny model never stops by itself), so there is time to cancel
-    c = await start_client(server_command(tiny_model_dir, tmp_path / "a"),
-                           options={"maxTokens": 1000, "multiline": "always"})
+    c.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+        settings={"maxTokens": 1000, "multiline": "always"}))
+    cancelled = (await command(c, "star.stats"))["cancelled"]
     try:
         uri = "file:///tmp/long.py"
         open_doc(c, uri, LONG)
@@ -284,7 +301,7 @@ async def test_cancel_request_stops_the_generation(tiny_model_dir, tmp_path):
         t0 = time.monotonic()
         await inline(c, "file:///tmp/short.py", types.Position(1, 0))
         assert time.monotonic() - t0 < full / 2, (time.monotonic() - t0, full)
-        assert (await command(c, "star.stats"))["cancelled"] >= 1
+        assert (await command(c, "star.stats"))["cancelled"] > cancelled
         c.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"maxTokens": 1000}))
 
         # cancel-previous: a newer request for the same document makes the older one answer empty
@@ -295,7 +312,8 @@ async def test_cancel_request_stops_the_generation(tiny_model_dir, tmp_path):
         assert not (await first).items
         assert len((await second).items) == 1
     finally:
-        await stop_client(c)
+        c.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+            settings={"maxTokens": None, "multiline": None}))       # back to the command line's settings
 
 
 async def test_settings_from_init_options_and_did_change_configuration(tiny_model_dir, tmp_path):
@@ -315,28 +333,19 @@ async def test_settings_from_init_options_and_did_change_configuration(tiny_mode
 
 
 @on_shared
-async def test_completion_fallback_for_clients_without_inline(tiny_model_dir, tmp_path, shared):
-    client = shared
+async def test_completion_fallback_for_clients_without_inline(server, plain):
+    uri, text = "file:///tmp/c.py", "print(add"
+    at = types.CompletionParams(text_document=types.TextDocumentIdentifier(uri=uri), position=end_of(text))
+    open_doc(server, uri, text)
+    open_doc(plain, uri, text)
     # a client with inline completion gets nothing from textDocument/completion
-    uri = "file:///tmp/c.py"
-    text = "print(add"
-    open_doc(client, uri, text)
-    listed = await client.text_document_completion_async(
-        types.CompletionParams(text_document=types.TextDocumentIdentifier(uri=uri), position=end_of(text)))
-    assert not listed.items
-    expected = await inline_text(client, uri, end_of(text))
-
-    plain = await start_client(server_command(tiny_model_dir, tmp_path / "b"), capabilities=PLAIN_CAPS)
-    try:
-        open_doc(plain, uri, text)
-        result = await plain.text_document_completion_async(
-            types.CompletionParams(text_document=types.TextDocumentIdentifier(uri=uri), position=end_of(text)))
-        (item,) = result.items
-        assert item.text_edit.new_text == "add" + expected            # replaces the word before the cursor
-        assert item.text_edit.range == types.Range(start=types.Position(0, 6), end=end_of(text))
-        assert item.command.command == "star.completion.accepted"
-    finally:
-        await stop_client(plain)
+    assert not (await server.text_document_completion_async(at)).items
+    expected = await inline_text(server, uri, end_of(text))
+    # one without it gets the same completion as a completion item
+    (item,) = (await plain.text_document_completion_async(at)).items
+    assert item.text_edit.new_text == "add" + expected            # replaces the word before the cursor
+    assert item.text_edit.range == types.Range(start=types.Position(0, 6), end=end_of(text))
+    assert item.command.command == "star.completion.accepted"
 
 
 @on_shared
@@ -363,37 +372,29 @@ async def test_code_action_marks_the_shown_completion_wrong(shared):
     assert await actions(types.Position(0, 0), types.Position(0, 0)) == []
 
 
-async def test_hot_reload_of_the_adapters_folder(tiny_model_dir, tmp_path):
-    # server A makes a patch in folder A; copying it into server B's folder patches B while it runs
-    a = await start_client(server_command(tiny_model_dir, tmp_path / "A"))
-    try:
-        open_doc(a, "file:///tmp/h.py", FIX_PROMPT)
-        at = end_of(FIX_PROMPT)
-        before = await inline_text(a, "file:///tmp/h.py", at)
-        patch_id = (await command(a, "star.applyFix", fix_args("file:///tmp/h.py", at, before, FIX)))["patchId"]
-    finally:
-        await stop_client(a)
+@on_shared
+async def test_hot_reload_of_the_adapters_folder(server, plain):
+    # server A makes a patch in its folder; copying it into server B's folder patches B while it runs
+    a, b = server, plain
+    open_doc(a, "file:///tmp/h.py", FIX_PROMPT)
+    at = end_of(FIX_PROMPT)
+    before = await inline_text(a, "file:///tmp/h.py", at)
+    patch_id = (await command(a, "star.applyFix", fix_args("file:///tmp/h.py", at, before, FIX)))["patchId"]
 
-    b = await start_client(server_command(tiny_model_dir, tmp_path / "B"))
-    try:
-        open_doc(b, "file:///tmp/h.py", FIX_PROMPT)
-        assert await inline_text(b, "file:///tmp/h.py", at) == before
-        tmp = tmp_path / "B" / f".incoming-{patch_id}"
-        shutil.copytree(tmp_path / "A" / patch_id, tmp)
-        os.replace(tmp, tmp_path / "B" / patch_id)   # dropped in atomically
-        await wait_for(lambda: any("reloaded" in m.message for m in b.messages), 30, "reload message")
-        assert await inline_text(b, "file:///tmp/h.py", at) == FIX
-        assert [p["id"] for p in await command(b, "star.patches.list")] == [patch_id]
-    finally:
-        await stop_client(b)
+    open_doc(b, "file:///tmp/h.py", FIX_PROMPT)
+    assert await inline_text(b, "file:///tmp/h.py", at) == before
+    tmp = b.adapters / f".incoming-{patch_id}"
+    shutil.copytree(a.adapters / patch_id, tmp)
+    os.replace(tmp, b.adapters / patch_id)   # dropped in atomically
+    await wait_for(lambda: any("reloaded" in m.message for m in b.messages), 30, "reload message")
+    assert await inline_text(b, "file:///tmp/h.py", at) == FIX
+    assert [p["id"] for p in await command(b, "star.patches.list")] == [patch_id]
 
 
 def test_server_exits_when_the_client_vanishes(tiny_model_dir, tmp_path):
     """stdin closed in the middle of a generation: the process ends on its own, with the exit code of an
     exit without shutdown, and answers the completion still in flight as cancelled."""
-    from test_framing import Server
-
-    server = Server(server_command(tiny_model_dir, tmp_path / "a"))
+    server = RawServer(server_command(tiny_model_dir, tmp_path / "a"))
     server.request(1, "initialize", {"capabilities": {}, "initializationOptions": {"maxTokens": 1000, "multiline": "always"}})
     server.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
     server.send({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {

@@ -9,18 +9,7 @@ import pytest
 import pytest_asyncio
 from lsprotocol import types
 
-from lsp_harness import (
-    FIX,
-    FIX_PROMPT,
-    command,
-    end_of,
-    fix_args,
-    inline,
-    inline_text,
-    open_doc,
-    ready_client,
-    server_command,
-)
+from lsp_harness import apply_the_demo_fix, command, end_of, inline, inline_text, open_doc, ready_client, server_command
 
 pytestmark = pytest.mark.slow
 
@@ -42,22 +31,6 @@ async def test_default_model_completes_code(client):
 
 
 async def test_apply_fix_on_the_default_model_end_to_end(client, tmp_path):
-    uri = "file:///tmp/reverse.py"
-    open_doc(client, uri, FIX_PROMPT)
-    at = end_of(FIX_PROMPT)
-    before = await inline_text(client, uri, at)
-    assert before != FIX
-
-    reply = await command(client, "star.applyFix", fix_args(uri, at, before or "", FIX))
-    assert reply["fixed"], reply
-    (reports,) = client.progress_reports.values()
-    assert isinstance(reports[0], types.WorkDoneProgressBegin)
-    assert any(isinstance(r, types.WorkDoneProgressReport) for r in reports)
-    assert isinstance(reports[-1], types.WorkDoneProgressEnd) and reports[-1].message == "fixed"
-    assert any(m.type == types.MessageType.Info and m.message.startswith("STAR fixed") for m in client.messages)
-
-    assert await inline_text(client, uri, at) == FIX
-    assert (tmp_path / "adapters" / reply["patchId"]).is_dir()
-
+    reply, before, at = await apply_the_demo_fix(client, tmp_path / "adapters", "file:///tmp/reverse.py")
     assert (await command(client, "star.patches.undoLast"))["removed"] == reply["patchId"]
-    assert await inline_text(client, uri, at) == before
+    assert await inline_text(client, "file:///tmp/reverse.py", at) == before

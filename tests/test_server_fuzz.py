@@ -26,8 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_framing import CASES as FRAMING_CASES, Server, frame
-from lsp_harness import server_command
+from lsp_harness import RawServer, frame, server_command
+from test_framing import CASES as FRAMING_CASES
 
 URI = "file:///tmp/fuzz.py"
 TEXT = "def add(a, b):\n    return a + b\n\nprint(add"
@@ -51,14 +51,13 @@ def inline_params(uri=URI, line=3, character=9):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):  # noqa: F811
-    s = Server(server_command(tiny_model_dir, tmp_path_factory.mktemp("fuzz-adapters")))
+    s = RawServer(server_command(tiny_model_dir, tmp_path_factory.mktemp("fuzz-adapters")))
     s.request(0, "initialize", {"processId": None, "capabilities": {"window": {"workDoneProgress": True}}})
     s.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
     s.send({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
         "uri": URI, "languageId": "python", "version": 1, "text": TEXT}}})
     yield s
-    s.proc.kill()
-    s.proc.wait()
+    s.stop()
 
 
 # -- strategies ----------------------------------------------------------------------------------------------------
