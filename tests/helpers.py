@@ -3,6 +3,8 @@ stand-in tokenizer with FIM tokens."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 
@@ -14,6 +16,12 @@ def snapshot(lm) -> list[torch.Tensor]:
 def same_weights(lm, snap: list[torch.Tensor]) -> bool:
     """Whether every output projection holds exactly (bit for bit) the snapshot's values."""
     return all(torch.equal(lm.arch.columns(l), w) for l, w in enumerate(snap))
+
+
+def as_loaded(model, tokenizer):
+    """A model that is not a LoadedModel (vanilla peft's PeftModel) in the shape generation takes: the
+    modules, the tokenizer and a cache of its own."""
+    return SimpleNamespace(model=model, tokenizer=tokenizer, cache={})
 
 
 class FimTokenizer:

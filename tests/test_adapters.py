@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny
-from helpers import same_weights, snapshot
+from helpers import as_loaded, same_weights, snapshot
 from star_engine.adapters import (
     AdapterError,
     PatchStack,
@@ -147,7 +147,7 @@ def test_a_star_repair_saved_as_adapter_makes_vanilla_peft_write_the_fix(star_ad
     assert sorted(map(int, meta["base_model"]["weights_sha256"])) == meta["layers"]
 
     pm = peft_model("llama", tokenizer, out)
-    assert complete(SimpleNamespace(model=pm, tokenizer=tokenizer), case.prompt) == case.fix
+    assert complete(as_loaded(pm, tokenizer), case.prompt) == case.fix
     assert complete(make_tiny("llama", tokenizer), case.prompt) != case.fix
 
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import snapshot
+from helpers import as_loaded, snapshot
 from star_engine.adapters import PatchStack
 from star_engine.adapters.format import WEIGHTS_NAME
 from star_engine.capture import encode
@@ -60,7 +60,7 @@ def test_vanilla_peft_reproduces_a_dense_star_patch_on_the_real_model(dense):
     print(f"\ndense STAR patch: {dense.result.neurons} neurons in {n} layers; adapter {size / 2**20:.1f} MB; "
           f"peft max |logit diff| {diff:.2e}")
     assert diff <= 1e-4
-    assert complete(SimpleNamespace(model=pm, tokenizer=lm.tokenizer), DEMO.prompt) == DEMO.fix
+    assert complete(as_loaded(pm, lm.tokenizer), DEMO.prompt) == DEMO.fix
 
 
 def test_the_repair_survives_a_restart_bit_for_bit(dense):

@@ -9,12 +9,12 @@ new one). At the end every kept fix is still written, the decisive completions o
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from controls import CONTROLS
+from helpers import as_loaded
 from star_engine.adapters import AdapterError, PatchStack
 from star_engine.adapters.format import WEIGHTS_NAME
 from star_engine.bench.data import build, load_records
@@ -99,7 +99,7 @@ def test_a_sparse_patch_is_a_small_adapter_that_vanilla_peft_reloads(tmp_path):
     assert size < 2**20
     base = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32)
     pm = PeftModel.from_pretrained(base, str(info.path)).eval()
-    reloaded = SimpleNamespace(model=pm, tokenizer=lm.tokenizer)
+    reloaded = as_loaded(pm, lm.tokenizer)
     assert complete(reloaded, case.prompt, max_new_tokens=48) == case.fix
     ids = torch.tensor([encode(lm, case.prompt + case.fix + "\n")])
     with torch.no_grad():
