@@ -1,8 +1,13 @@
-"""Shared by the test modules: a copy of the weights a patch changes and whether they are unchanged, and a
-stand-in tokenizer with FIM tokens."""
+"""Shared by the test modules: a copy of the weights a patch changes and whether they are unchanged, a
+stand-in tokenizer with FIM tokens, a writer process to kill -9, and the `star` command line in-process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import multiprocessing
+import os
+import signal
 from types import SimpleNamespace
 
 import torch
@@ -39,3 +44,32 @@ class FimTokenizer:
 
     def decode(self, ids):
         return "".join(ids)
+
+
+def forked(target, *args):
+    """`target(*args, ready)` in a forked copy of this process: a real process of its own, that starts at
+    once (torch, the model and the test's objects are already loaded); the child sets the event `ready`
+    when the parent may act. Returns the process and `ready`."""
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    proc = context.Process(target=target, args=(*args, ready), daemon=True)
+    proc.start()
+    return proc, ready
+
+
+def kill_9(proc) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    """`star ARGS` run in this process: its exit code, stdout and stderr."""
+    from star_engine.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()

@@ -4,15 +4,10 @@ atomicity under kill -9, hot reload with real watchdog events, and the `star ada
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 import zipfile
@@ -24,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny
-from helpers import as_loaded, same_weights, snapshot
+from helpers import as_loaded, forked, kill_9, run_cli, same_weights, snapshot
 from star_engine.adapters import (
     AdapterError,
     PatchStack,
@@ -478,34 +473,6 @@ def test_malicious_or_incomplete_archives_are_rejected(members, message, tiny_ll
 
 # -- atomicity: kill -9 while writing ---------------------------------------------------------------------
 
-_WRITER = textwrap.dedent(
-    """
-    import sys, torch
-    from transformers import AutoTokenizer, LlamaConfig, AutoModelForCausalLM
-    from star_engine.model import from_modules
-    from star_engine.adapters import PatchStack
-    from star_engine.patch import Patch, LayerDelta, apply_patch
-    from star_engine.repair import CaseReport, RepairResult
-
-    tok = AutoTokenizer.from_pretrained(sys.argv[2], local_files_only=True)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    lm = from_modules(AutoModelForCausalLM.from_config(cfg), tok, name="big-tiny")
-    stack = PatchStack(lm, sys.argv[1], check_regressions=False)
-    stack.load()
-    n = len(stack.list())
-    while True:
-        n += 1
-        patch = Patch({l: LayerDelta(torch.arange(1024), torch.full((256, 1024), 1e-3 * n)) for l in range(8)})
-        saved = apply_patch(lm.arch, patch)
-        report = CaseReport(f"# case {n}\\n", "pass", "?", "pass", True, 0.0, 1.0)
-        stack.add(RepairResult(True, "", "hand", {}, 0.0, [report], patch, saved))
-        print(n, flush=True)
-    """
-)
-
-
 def _big_tiny(tokenizer):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -517,20 +484,30 @@ def _big_tiny(tokenizer):
     return from_modules(AutoModelForCausalLM.from_config(cfg), tokenizer, name="big-tiny")
 
 
-def test_kill_9_while_saving_leaves_a_loadable_folder(tokenizer, tiny_tokenizer_dir, tmp_path):
-    """A writer adds ~10 MB adapters in a loop; SIGKILL it at random moments; the folder must load with
-    every listed adapter valid, none half-written, and the stack must only ever grow."""
+def _write_forever(folder: Path, tokenizer, ready) -> None:
+    """Add ~10 MB adapters to the stack in `folder` until killed; `ready` once the first one is in."""
+    lm = _big_tiny(tokenizer)
+    stack = PatchStack(lm, folder, check_regressions=False)
+    stack.load()
+    n = len(stack.list())
+    while True:
+        n += 1
+        patch = Patch({l: LayerDelta(torch.arange(1024), torch.full((256, 1024), 1e-3 * n)) for l in range(8)})
+        saved = apply_patch(lm.arch, patch)
+        report = CaseReport(f"# case {n}\n", "pass", "?", "pass", True, 0.0, 1.0)
+        stack.add(RepairResult(True, "", "hand", {}, 0.0, [report], patch, saved))
+        ready.set()
+
+
+def test_kill_9_while_saving_leaves_a_loadable_folder(tokenizer, tmp_path):
+    """A writer process adds ~10 MB adapters in a loop; SIGKILL it at random moments; the folder must load
+    with every listed adapter valid, none half-written, and the stack must only ever grow."""
     folder = tmp_path / "adapters"
-    repo = Path(__file__).resolve().parents[1]
     rng = torch.Generator().manual_seed(1234)
     seen = 0
     for round_ in range(3):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(folder), str(tiny_tokenizer_dir)],
-            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        first = proc.stdout.readline()                         # one add completed: now in the write loop
-        assert first.strip(), proc.stderr.read()
+        proc, ready = forked(_write_forever, folder, tokenizer)
+        assert ready.wait(60), f"the writer exited with {proc.exitcode}"   # one add completed: now in the loop
         # Round 0: kill while an adapter directory is half written; round 1: while the manifest's temp file
         # exists; round 2: at a random moment.
         prefix = {0: ".tmp-", 1: ".stack.json.tmp-"}.get(round_)
@@ -538,11 +515,9 @@ def test_kill_9_while_saving_leaves_a_loadable_folder(tokenizer, tiny_tokenizer_
         while time.monotonic() < deadline:
             if prefix and any(n.startswith(prefix) for n in os.listdir(folder)):
                 break
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_9(proc)
         leftovers = sorted(n for n in os.listdir(folder) if n.startswith(".") and n != ".lock")
         print(f"round {round_}: killed with {leftovers or 'no'} temp file(s) present")
-        proc.stdout.close(), proc.stderr.close()
 
         lm = _big_tiny(tokenizer)
         stack = PatchStack(lm, folder, check_regressions=False)
@@ -611,20 +586,6 @@ def test_hot_reload_applies_a_dropped_adapter_and_undoes_a_removed_one(star_adap
 
 
 # -- CLI --------------------------------------------------------------------------------------------------
-
-
-def run_cli(*args) -> tuple[int, str, str]:
-    from star_engine.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    import contextlib
-
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_cli_round_trip(star_adapters, tiny_model_dir, tmp_path):

@@ -18,7 +18,7 @@ import torch
 from conftest import make_tiny
 from star_engine.adapters import AdapterError, PatchStack, load_adapter, save_adapter
 from star_engine.adapters.format import CONFIG_NAME, META_NAME, WEIGHTS_NAME
-from helpers import same_weights, snapshot
+from helpers import forked, kill_9, same_weights, snapshot
 from test_adapters import CASES, fake_result, folder_listing, hand_patch, rewrite_weights
 
 HOSTILE_COUNTS: dict[str, int] = {}    # class of hostile input -> how many the tests send (see the report)
@@ -622,47 +622,36 @@ async def test_shutdown_during_a_repair_exits_cleanly(tiny_model_dir, tmp_path):
 
 # 3. Temporaries of a writer killed with SIGKILL are cleaned on the next open (only ones no live process owns).
 
-_KILLED_WRITER = """
-import sys, time
-sys.path.insert(0, "tests")
-from transformers import AutoTokenizer
-from conftest import make_tiny
-from test_adapters import fake_result, hand_patch
-from star_engine.adapters import PatchStack, format as fmt
+def _write_then_hang(mode: str, target: Path, tokenizer, ready) -> None:
+    """Save an adapter (mode "save") or add one to the stack in `target` on the tiny Llama; once its first
+    file is written, set `ready` and hang until killed."""
+    from star_engine.adapters import format as fmt
 
-real = fmt._write_file
-def write_then_hang(path, data):          # the first file is written, then the writer is killed
-    real(path, data)
-    print("writing", flush=True)
-    time.sleep(600)
-fmt._write_file = write_then_hang
-lm = make_tiny("llama", AutoTokenizer.from_pretrained(sys.argv[3], local_files_only=True))
-result = fake_result(lm, hand_patch(lm))
-if sys.argv[1] == "save":
-    fmt.save_adapter(lm, result, sys.argv[2])
-else:
-    stack = PatchStack(lm, sys.argv[2])
-    stack.load()
-    stack.add(result)
-"""
+    real = fmt._write_file
+
+    def write_then_hang(path, data):
+        real(path, data)
+        ready.set()
+        time.sleep(600)
+
+    fmt._write_file = write_then_hang                 # in the child only: it is a forked copy
+    lm = make_tiny("llama", tokenizer)
+    result = fake_result(lm, hand_patch(lm))
+    if mode == "save":
+        fmt.save_adapter(lm, result, target)
+    else:
+        stack = PatchStack(lm, target)
+        stack.load()
+        stack.add(result)
 
 
-def _killed_while_writing(mode: str, target: Path, tokenizer_dir: Path) -> int:
-    """Run a writer (on the tiny Llama, its tokenizer read from `tokenizer_dir`) and kill it with SIGKILL
-    once its first file is written; returns its pid."""
-    import signal
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, mode, str(target), str(tokenizer_dir)],
-                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _killed_while_writing(mode: str, target: Path, tokenizer) -> int:
+    """Run a writer process and kill it with SIGKILL once its first file is written; returns its pid."""
+    proc, ready = forked(_write_then_hang, mode, target, tokenizer)
     try:
-        assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
+        assert ready.wait(60), f"the writer exited with {proc.exitcode}"
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close(), proc.stderr.close()
+        kill_9(proc)
     count("kill -9")
     return proc.pid
 
@@ -672,9 +661,8 @@ def _temps(folder: Path) -> list[str]:
 
 
 @pytest.mark.timeout(120)
-def test_temporaries_beside_a_save_target_are_cleaned_when_their_writer_is_dead(tiny_llama, tiny_tokenizer_dir,
-                                                                               tmp_path):
-    dead = _killed_while_writing("save", tmp_path / "fix", tiny_tokenizer_dir)
+def test_temporaries_beside_a_save_target_are_cleaned_when_their_writer_is_dead(tiny_llama, tokenizer, tmp_path):
+    dead = _killed_while_writing("save", tmp_path / "fix", tokenizer)
     [left] = _temps(tmp_path)
     assert left.startswith(f".tmp-{dead}-")
     live = tmp_path / f".tmp-{os.getpid()}-live"          # a writer of this (live) process: never touched
@@ -687,9 +675,9 @@ def test_temporaries_beside_a_save_target_are_cleaned_when_their_writer_is_dead(
 
 
 @pytest.mark.timeout(120)
-def test_temporaries_in_a_stack_folder_are_cleaned_on_open(tokenizer, tiny_tokenizer_dir, tmp_path):
+def test_temporaries_in_a_stack_folder_are_cleaned_on_open(tokenizer, tmp_path):
     folder = tmp_path / "adapters"
-    dead = _killed_while_writing("stack", folder, tiny_tokenizer_dir)
+    dead = _killed_while_writing("stack", folder, tokenizer)
     (folder / ".tmp-import-abc123").mkdir()                 # these are only made under the folder lock
     (folder / ".trash-def456").mkdir()
     live = folder / f".tmp-{os.getpid()}-live"
