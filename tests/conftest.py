@@ -1,14 +1,17 @@
 """Shared fixtures: tiny random models built from configs with a tokenizer trained here (nothing to install or
-download), and the real default model (slow tests only)."""
+download), the real servers on the tiny Llama that the server tests share (starting one takes seconds), and
+the real default model (slow tests only)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 import torch
 from transformers import AutoModelForCausalLM, CodeGenConfig, GPT2Config, LlamaConfig, Qwen2Config
 
+from lsp_harness import RawServer, cleaned, server_command, tiny_server
 from star_engine.model import from_modules, load_model
 from tiny_tokenizer import train_tiny_tokenizer
 
@@ -70,6 +73,35 @@ def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
     make_tiny("llama", tokenizer).model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def shared(tiny_model_dir, tmp_path_factory):
+    """One real server on the tiny Llama, driven by pytest-lsp, for the LSP tests of every module (they run on
+    the session's event loop: `on_shared`); it logs to `shared.log_path`."""
+    root = tmp_path_factory.mktemp("shared-server")
+    async with tiny_server(tiny_model_dir, root / "adapters", "--log-file", str(root / "server.log")) as client:
+        client.log_path = root / "server.log"
+        yield client
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def server(shared):
+    """The shared server for a test that changes it (patches, settings) or reads its notifications."""
+    async with cleaned(shared) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def raw_server(tiny_model_dir, tmp_path_factory) -> RawServer:
+    """One real server over raw stdio, initialized, for the framing and fuzz tests; it logs to `raw_server.log`."""
+    root = tmp_path_factory.mktemp("raw-server")
+    s = RawServer(server_command(tiny_model_dir, root / "adapters", "--log-file", str(root / "server.log")))
+    s.log = root / "server.log"
+    s.request(0, "initialize", {"processId": None, "capabilities": {"window": {"workDoneProgress": True}}})
+    s.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
+    yield s
+    s.stop()
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 from lsprotocol import types
 from pytest_lsp import ClientServerConfig
 
@@ -31,6 +32,8 @@ PLAIN_CAPS = types.ClientCapabilities(
     window=types.WindowClientCapabilities(work_done_progress=True),
     text_document=types.TextDocumentClientCapabilities(completion=types.CompletionClientCapabilities()),
 )
+# The mark of a test on the session's shared server (conftest's `shared`, `server`).
+on_shared = pytest.mark.asyncio(loop_scope="session")
 # The demo repair: after this prompt the models write something else than FIX.
 FIX_PROMPT = "# Reverse the list `a`\n"
 FIX = "a.reverse()"
@@ -68,22 +71,38 @@ async def start_client(command: list[str], *, capabilities=INLINE_CAPS, options:
     return client
 
 
-async def start_tiny(model_dir: Path, adapters: Path, *extra: str, **options):
-    """A server on a tiny model saved at `model_dir`, its adapters folder kept as `client.adapters`."""
+@asynccontextmanager
+async def tiny_server(model_dir: Path, adapters: Path, *extra: str, **options):
+    """A started server on the tiny model saved at `model_dir`, its adapters folder kept as `client.adapters`;
+    stopped at the end."""
     client = await start_client(server_command(model_dir, adapters, *extra), **options)
     client.adapters = adapters
-    return client
+    try:
+        yield client
+    finally:
+        await stop_client(client)
 
 
 async def clean_slate(client) -> None:
-    """Between the tests that share one server: every patch a test left (a failed one too) removed, and the
-    client's records of statuses, messages and progress emptied, so that each test sees only its own."""
+    """Every patch a test left on a shared server (a failed test too) removed, and the client's records of
+    statuses, messages and progress emptied."""
     for patch in await command(client, "star.patches.list"):
         await command(client, "star.patches.remove", {"id": patch["id"]})
     assert await command(client, "star.patches.list") == []
     client.statuses.clear()
     client.messages.clear()
     client.progress_reports.clear()
+
+
+@asynccontextmanager
+async def cleaned(client):
+    """A server shared by several tests, for one that changes it: clean before and after, so that each test
+    sees only its own patches and notifications."""
+    await clean_slate(client)
+    try:
+        yield client
+    finally:
+        await clean_slate(client)
 
 
 async def stop_client(client) -> None:
@@ -151,14 +170,19 @@ def fix_args(uri: str, position: types.Position, completion: str, fix: str) -> d
             "completion": completion, "fix": fix}
 
 
+async def open_the_demo_case(client, uri: str) -> tuple[str | None, types.Position]:
+    """FIX_PROMPT opened at `uri`: the completion the model writes at its end, and that position."""
+    open_doc(client, uri, FIX_PROMPT)
+    at = end_of(FIX_PROMPT)
+    return await inline_text(client, uri, at), at
+
+
 async def apply_the_demo_fix(client, adapters: Path, uri: str) -> tuple[dict, str | None, types.Position]:
     """The issue's flow: after FIX_PROMPT the model writes something else; star.applyFix with FIX fixes it,
     with $/progress from a cancellable begin through reports to an end saying "fixed" and a "STAR fixed"
     message; the next completion there is FIX and the patch is a directory in `adapters`. Returns the reply,
     the completion before the fix and the cursor position."""
-    open_doc(client, uri, FIX_PROMPT)
-    at = end_of(FIX_PROMPT)
-    before = await inline_text(client, uri, at)
+    before, at = await open_the_demo_case(client, uri)
     assert before != FIX
     reply = await command(client, "star.applyFix", fix_args(uri, at, before or "", FIX))
     assert reply["fixed"] is True and reply["neurons"] > 0 and reply["layers"] and reply["patchId"], reply

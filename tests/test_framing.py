@@ -15,7 +15,7 @@ import time
 import pytest
 
 from star_server.framing import MAX_CONTENT_LENGTH, FrameReader, FramingError
-from lsp_harness import RawServer, frame, read_message, server_command
+from lsp_harness import frame, read_message, server_command
 
 PARSE_ERROR, INVALID_REQUEST = -32700, -32600
 
@@ -64,17 +64,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):  # noqa: F811
-    root = tmp_path_factory.mktemp("framing")
-    s = RawServer(server_command(tiny_model_dir, root / "adapters", "--log-file", str(root / "server.log")))
-    s.log = root / "server.log"
-    s.request(0, "initialize", {"processId": None, "capabilities": {}})
-    s.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
-    yield s
-    s.stop()
-
-
 def _answered(server, msg_id: str) -> dict:
     reply = server.request(msg_id, "workspace/executeCommand", STATS, timeout=60)
     assert "result" in reply, reply
@@ -83,32 +72,32 @@ def _answered(server, msg_id: str) -> dict:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind", list(CASES))
-def test_a_broken_message_is_answered_or_dropped_and_the_next_request_is_served(kind, server):
+def test_a_broken_message_is_answered_or_dropped_and_the_next_request_is_served(kind, raw_server):
     data, expected = CASES[kind]
-    first, dropped = len(server.responses), server.log.read_text().count("dropped")
-    server.write_raw(data)
-    _answered(server, f"after-{kind}")
-    got = [r for r in server.responses[first:] if r.get("id") != f"after-{kind}"]
+    first, dropped = len(raw_server.responses), raw_server.log.read_text().count("dropped")
+    raw_server.write_raw(data)
+    _answered(raw_server, f"after-{kind}")
+    got = [r for r in raw_server.responses[first:] if r.get("id") != f"after-{kind}"]
     if expected is None:
         assert got == []
-        assert server.log.read_text().count("dropped") > dropped
+        assert raw_server.log.read_text().count("dropped") > dropped
     else:
         [reply] = got
         code, msg_id = expected
         assert (reply["error"]["code"], reply["id"]) == (code, msg_id), reply
         assert "data" not in reply["error"] and "\n" not in reply["error"]["message"]   # no traceback
-    assert server.proc.poll() is None
+    assert raw_server.proc.poll() is None
 
 
-def test_lf_only_headers_and_any_case_are_read(server):
+def test_lf_only_headers_and_any_case_are_read(raw_server):
     body = rpc(id="lf", method="workspace/executeCommand", params=STATS)
-    server.write_raw(b"content-length:%d\ncontent-type: application/vscode-jsonrpc\n\n" % len(body) + body)
-    assert "result" in server.reply("lf", timeout=60)
+    raw_server.write_raw(b"content-length:%d\ncontent-type: application/vscode-jsonrpc\n\n" % len(body) + body)
+    assert "result" in raw_server.reply("lf", timeout=60)
 
 
-def test_a_request_without_params_is_handled(server):
-    server.write(rpc(id="np", method="no/such/method"))
-    assert server.reply("np", timeout=60)["error"]["code"] == -32601   # method not found, not invalid params
+def test_a_request_without_params_is_handled(raw_server):
+    raw_server.write(rpc(id="np", method="no/such/method"))
+    assert raw_server.reply("np", timeout=60)["error"]["code"] == -32601   # method not found, not invalid params
 
 
 def _free_port() -> int:

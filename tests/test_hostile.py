@@ -357,10 +357,13 @@ from lsprotocol import types  # noqa: E402
 from pygls.exceptions import JsonRpcException  # noqa: E402
 
 from lsp_harness import (  # noqa: E402
+    FIX,
+    FIX_PROMPT,
     command,
     end_of,
     fix_args,
     inline,
+    on_shared,
     open_doc,
     raw_request,
     server_command,
@@ -375,19 +378,11 @@ URI = "file:///tmp/hostile.py"
 TEXT = "x = 1\nname = 'caf\U0001F600e'\n"     # line 1 holds a character outside the BMP (two UTF-16 units)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def hostile(tiny_model_dir, tmp_path_factory):
-    """One server for the tests that change nothing, logging to a file we read for tracebacks."""
-    root = tmp_path_factory.mktemp("hostile-server")
-    log = root / "server.log"
-    c = await start_client(server_command(tiny_model_dir, root / "adapters", "--log-file", str(log)))
-    c.log_path = log
-    open_doc(c, URI, TEXT)
-    yield c
-    await stop_client(c)
-
-
-on_hostile = pytest.mark.asyncio(loop_scope="module")
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def hostile(shared):
+    """The shared server, with the document the invalid requests point into."""
+    open_doc(shared, URI, TEXT)
+    return shared
 
 
 def _position(line, character):
@@ -441,7 +436,7 @@ def _tracebacks(log: Path) -> list[str]:
     return [line for line in log.read_text().splitlines() if "Traceback" in line]
 
 
-@on_hostile
+@on_shared
 async def test_invalid_command_params_answer_invalid_params_with_one_line(hostile):
     client = hostile
     before = _tracebacks(client.log_path)
@@ -478,7 +473,7 @@ def test_a_position_inside_a_surrogate_pair_is_refused():
         offset_at(doc, types.Position(1, smile + 1))
 
 
-@on_hostile
+@on_shared
 async def test_no_completion_inside_a_surrogate_pair(hostile):
     count("invalid params")
     assert not (await inline(hostile, URI, types.Position(1, 12))).items
@@ -486,36 +481,30 @@ async def test_no_completion_inside_a_surrogate_pair(hostile):
 
 # 2. Cancelling star.applyFix: truly cancelled before the commit, reported as kept after it.
 
-FIX_PROMPT = "# Reverse the list `a`\n"
-
 
 async def _status(client) -> str:
     return (await command(client, "star.stats"))["status"]["kind"]
 
 
 @pytest.mark.timeout(300)
-async def test_cancel_request_of_apply_fix_answers_only_once_the_repair_has_stopped(tiny_model_dir, tmp_path):
-    client = await start_client(server_command(tiny_model_dir, tmp_path / "adapters"))
-    try:
-        uri = "file:///tmp/cancel.py"
-        open_doc(client, uri, FIX_PROMPT)
-        before = (await inline(client, uri, end_of(FIX_PROMPT))).items
-        reply = raw_request(client, types.WORKSPACE_EXECUTE_COMMAND,
-                            {"command": "star.applyFix", "arguments": [fix_args(uri, end_of(FIX_PROMPT), "", "a.reverse()")]},
-                            msg_id="fix-1")
-        await wait_for(lambda: any(s.kind == "repairing" for s in client.statuses), 60, "repairing status")
-        count("cancel")
-        client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="fix-1"))
-        with pytest.raises(JsonRpcException) as e:
-            await asyncio.wait_for(reply, 120)
-        assert e.value.code == -32800 and "unchanged" in e.value.message
-        assert await _status(client) != "repairing"                 # answered once it had really stopped
-        assert await command(client, "star.patches.list") == []
-        assert not list((tmp_path / "adapters").glob("[!.]*"))      # nothing on disk (stack.json aside)
-        assert not any("fixed the completion" in m.message for m in client.messages)
-        assert (await inline(client, uri, end_of(FIX_PROMPT))).items == before
-    finally:
-        await stop_client(client)
+@on_shared
+async def test_cancel_request_of_apply_fix_answers_only_once_the_repair_has_stopped(server):
+    client, uri, at = server, "file:///tmp/cancel.py", end_of(FIX_PROMPT)
+    open_doc(client, uri, FIX_PROMPT)
+    before = (await inline(client, uri, at)).items
+    reply = raw_request(client, types.WORKSPACE_EXECUTE_COMMAND,
+                        {"command": "star.applyFix", "arguments": [fix_args(uri, at, "", FIX)]}, msg_id="fix-1")
+    await wait_for(lambda: any(s.kind == "repairing" for s in client.statuses), 60, "repairing status")
+    count("cancel")
+    client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="fix-1"))
+    with pytest.raises(JsonRpcException) as e:
+        await asyncio.wait_for(reply, 120)
+    assert e.value.code == -32800 and "unchanged" in e.value.message
+    assert await _status(client) != "repairing"                 # answered once it had really stopped
+    assert await command(client, "star.patches.list") == []
+    assert not list(client.adapters.glob("[!.]*"))               # nothing on disk (stack.json aside)
+    assert not any("fixed the completion" in m.message for m in client.messages)
+    assert (await inline(client, uri, at)).items == before
 
 
 def _host_with_stack(tiny_llama, folder):
@@ -554,7 +543,7 @@ def test_a_cancel_just_before_the_commit_restores_the_weights_and_writes_nothing
     monkeypatch.setattr(eh, "repair", repair_then_cancel)
     count("cancel")
     with pytest.raises(RepairCancelled):
-        host.repair(RepairCase(prompt=FIX_PROMPT, fix="a.reverse()"), "star", cancel=cancel)
+        host.repair(RepairCase(prompt=FIX_PROMPT, fix=FIX), "star", cancel=cancel)
     assert same_weights(host.workbench, before)
     assert host.stack.list() == [] and not list((tmp_path / "adapters").glob("[!.]*"))
 
@@ -576,7 +565,7 @@ def test_a_cancel_after_the_commit_keeps_the_patch_and_the_reply_says_so(tiny_ll
 
     monkeypatch.setattr(host.stack, "add", add_then_cancel)
     count("cancel")
-    result, info = host.repair(RepairCase(prompt=FIX_PROMPT, fix="a.reverse()"), "star", cancel=cancel)
+    result, info = host.repair(RepairCase(prompt=FIX_PROMPT, fix=FIX), "star", cancel=cancel)
     assert result.fixed and [p.id for p in host.stack.list()] == [info.id]
     reply = repair_reply(result, info, cancelled_late=cancel.is_set())
     assert reply["kept"] is True and "so it was kept" in reply["message"] and reply["patchId"] == info.id
@@ -586,20 +575,16 @@ def test_a_cancel_after_the_commit_keeps_the_patch_and_the_reply_says_so(tiny_ll
 
 
 @pytest.mark.timeout(300)
-async def test_two_apply_fix_in_one_burst_the_second_is_refused(tiny_model_dir, tmp_path):
-    client = await start_client(server_command(tiny_model_dir, tmp_path / "adapters"))
-    try:
-        uri = "file:///tmp/burst.py"
-        open_doc(client, uri, FIX_PROMPT)
-        args = fix_args(uri, end_of(FIX_PROMPT), "", "a.reverse()")
-        count("burst", 2)
-        first, second = await asyncio.gather(command(client, "star.applyFix", args),
-                                             command(client, "star.applyFix", args), return_exceptions=True)
-        assert isinstance(first, dict), first
-        assert isinstance(second, JsonRpcException) and second.code == REQUEST_FAILED
-        assert "already running" in second.message
-    finally:
-        await stop_client(client)
+@on_shared
+async def test_two_apply_fix_in_one_burst_the_second_is_refused(server):
+    open_doc(server, "file:///tmp/burst.py", FIX_PROMPT)
+    args = fix_args("file:///tmp/burst.py", end_of(FIX_PROMPT), "", FIX)
+    count("burst", 2)
+    first, second = await asyncio.gather(command(server, "star.applyFix", args),
+                                         command(server, "star.applyFix", args), return_exceptions=True)
+    assert isinstance(first, dict), first
+    assert isinstance(second, JsonRpcException) and second.code == REQUEST_FAILED
+    assert "already running" in second.message
 
 
 @pytest.mark.timeout(300)
@@ -607,7 +592,7 @@ async def test_shutdown_during_a_repair_exits_cleanly(tiny_model_dir, tmp_path):
     client = await start_client(server_command(tiny_model_dir, tmp_path / "adapters"))
     uri = "file:///tmp/shutdown.py"
     open_doc(client, uri, FIX_PROMPT)
-    repair = asyncio.ensure_future(command(client, "star.applyFix", fix_args(uri, end_of(FIX_PROMPT), "", "a.reverse()")))
+    repair = asyncio.ensure_future(command(client, "star.applyFix", fix_args(uri, end_of(FIX_PROMPT), "", FIX)))
     await wait_for(lambda: any(s.kind == "repairing" for s in client.statuses), 60, "repairing status")
     count("shutdown")
     assert await asyncio.wait_for(client.shutdown_async(None), 60) is None      # no -32603
@@ -802,7 +787,7 @@ async def test_apply_fix_on_a_full_disk_fails_with_one_line_and_the_model_is_unc
         before = (await inline(client, uri, end_of(FIX_PROMPT))).items
         count("full disk / read-only folder")
         with pytest.raises(JsonRpcException) as e:
-            await command(client, "star.applyFix", fix_args(uri, end_of(FIX_PROMPT), "", "a.reverse()"))
+            await command(client, "star.applyFix", fix_args(uri, end_of(FIX_PROMPT), "", FIX))
         assert e.value.code == REQUEST_FAILED and "No space left on device" in e.value.message
         assert "\n" not in e.value.message
         assert await command(client, "star.patches.list") == []

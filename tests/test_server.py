@@ -2,9 +2,10 @@
 (`python -m star_server`) on a tiny random model saved to disk: capabilities, completions, applyFix with
 progress, the patch commands, cancellation, settings, the code action, hot reload, and bad input.
 
-Starting a server takes seconds, so most tests share one (`shared`; `server` is the same one cleaned
-before and after a test that changes it) and a second one whose client has no inline completion
-(`plain`); only what needs a server of its own (initialization options, a vanishing client) starts one."""
+Starting a server takes seconds, so most tests use the session's shared one (conftest's `shared`;
+`server` is the same one cleaned before and after a test that changes it) and a second one whose client
+has no inline completion (`plain`); only what needs a server of its own (initialization options, a
+vanishing client) starts one."""
 
 from __future__ import annotations
 
@@ -25,18 +26,20 @@ from lsp_harness import (
     PLAIN_CAPS,
     RawServer,
     apply_the_demo_fix,
-    clean_slate,
+    cleaned,
     command,
     end_of,
     fix_args,
     inline,
     inline_text,
+    on_shared,
     open_doc,
+    open_the_demo_case,
     raw_request,
     server_command,
     start_client,
-    start_tiny,
     stop_client,
+    tiny_server,
     wait_for,
 )
 
@@ -56,38 +59,17 @@ LONG = "print(add"
 # -- fixtures ------------------------------------------------------------------------------------------------------
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def shared(tiny_model_dir, tmp_path_factory):
-    """One server for the tests of this module."""
-    c = await start_tiny(tiny_model_dir, tmp_path_factory.mktemp("shared-adapters"))
-    yield c
-    await stop_client(c)
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def plain_server(tiny_model_dir, tmp_path_factory):
-    c = await start_tiny(tiny_model_dir, tmp_path_factory.mktemp("plain-adapters"), capabilities=PLAIN_CAPS)
-    yield c
-    await stop_client(c)
+    async with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("plain-adapters"), capabilities=PLAIN_CAPS) as c:
+        yield c
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def server(shared):
-    """The shared server for a test that changes it: no patch, empty records, before and after."""
-    await clean_slate(shared)
-    yield shared
-    await clean_slate(shared)
-
-
-@pytest_asyncio.fixture(loop_scope="module")
+@pytest_asyncio.fixture(loop_scope="session")
 async def plain(plain_server):
-    """A second server, whose client has no inline completion (cleaned like `server`)."""
-    await clean_slate(plain_server)
-    yield plain_server
-    await clean_slate(plain_server)
-
-
-on_shared = pytest.mark.asyncio(loop_scope="module")
+    """A second server, whose client has no inline completion, for a test that changes it."""
+    async with cleaned(plain_server) as c:
+        yield c
 
 
 # -- tests -----------------------------------------------------------------------------------------------------------
@@ -186,9 +168,7 @@ async def test_apply_fix_end_to_end_with_progress_and_patch_commands(server, tmp
 async def test_completions_during_a_repair_use_the_old_weights(server):
     client = server
     uri = "file:///tmp/during.py"
-    open_doc(client, uri, FIX_PROMPT)
-    at = end_of(FIX_PROMPT)
-    before = await inline_text(client, uri, at)
+    before, at = await open_the_demo_case(client, uri)
     repair = asyncio.ensure_future(command(client, "star.applyFix", fix_args(uri, at, before, FIX)))
     await wait_for(lambda: any(s.kind == "repairing" for s in client.statuses), 30, "repairing status")
     # served while the repair runs: the old weights, never a half-patched model
@@ -206,9 +186,7 @@ async def test_completions_during_a_repair_use_the_old_weights(server):
 async def test_apply_fix_cancelled_through_progress(server):
     client = server
     uri = "file:///tmp/cancel-fix.py"
-    open_doc(client, uri, FIX_PROMPT)
-    at = end_of(FIX_PROMPT)
-    before = await inline_text(client, uri, at)
+    before, at = await open_the_demo_case(client, uri)
     token = "cancel-me"
     client.progress_reports[token] = []
     repair = asyncio.ensure_future(command(client, "star.applyFix", fix_args(uri, at, before, FIX), work_done_token=token))
@@ -376,9 +354,7 @@ async def test_code_action_marks_the_shown_completion_wrong(shared):
 async def test_hot_reload_of_the_adapters_folder(server, plain):
     # server A makes a patch in its folder; copying it into server B's folder patches B while it runs
     a, b = server, plain
-    open_doc(a, "file:///tmp/h.py", FIX_PROMPT)
-    at = end_of(FIX_PROMPT)
-    before = await inline_text(a, "file:///tmp/h.py", at)
+    before, at = await open_the_demo_case(a, "file:///tmp/h.py")
     patch_id = (await command(a, "star.applyFix", fix_args("file:///tmp/h.py", at, before, FIX)))["patchId"]
 
     open_doc(b, "file:///tmp/h.py", FIX_PROMPT)

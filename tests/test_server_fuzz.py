@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lsp_harness import RawServer, frame, server_command
+from lsp_harness import frame
 from test_framing import CASES as FRAMING_CASES
 
 URI = "file:///tmp/fuzz.py"
@@ -47,17 +47,6 @@ SETTING_KEYS = ["model", "maxTokens", "maxLineTokens", "contextTokens", "multili
 def inline_params(uri=URI, line=3, character=9):
     return {"textDocument": {"uri": uri}, "position": {"line": line, "character": character},
             "context": {"triggerKind": 1}}
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):  # noqa: F811
-    s = RawServer(server_command(tiny_model_dir, tmp_path_factory.mktemp("fuzz-adapters")))
-    s.request(0, "initialize", {"processId": None, "capabilities": {"window": {"workDoneProgress": True}}})
-    s.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
-    s.send({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
-        "uri": URI, "languageId": "python", "version": 1, "text": TEXT}}})
-    yield s
-    s.stop()
 
 
 # -- strategies ----------------------------------------------------------------------------------------------------
@@ -322,9 +311,9 @@ def _step(method: str, params: dict) -> str:
     return params["command"] if method == "workspace/executeCommand" else method.split("/")[-1]
 
 
-def _undo_everything(server) -> int:
+def _undo_everything(raw_server) -> int:
     for i in range(200):
-        reply = server.request(f"undo{i}", "workspace/executeCommand", {"command": "star.patches.undoLast"})
+        reply = raw_server.request(f"undo{i}", "workspace/executeCommand", {"command": "star.patches.undoLast"})
         if reply.get("result", {}).get("removed") is None:
             return i
     raise AssertionError("more than 200 patches")
@@ -335,8 +324,10 @@ MESSAGES = 12_000
 
 
 @pytest.mark.timeout(300)
-def test_fuzz_then_a_valid_request_is_answered_correctly(server):
-    before = server.request("before", "textDocument/inlineCompletion", inline_params())
+def test_fuzz_then_a_valid_request_is_answered_correctly(raw_server):
+    raw_server.send({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
+        "uri": URI, "languageId": "python", "version": 1, "text": TEXT}}})
+    before = raw_server.request("before", "textDocument/inlineCompletion", inline_params())
     expected = before["result"]["items"][0]["insertText"]
 
     @settings(max_examples=HYPOTHESIS_EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -344,41 +335,41 @@ def test_fuzz_then_a_valid_request_is_answered_correctly(server):
     @given(st.lists(writes, min_size=30, max_size=45))
     def fuzz(batch):
         for how, data in batch:
-            server.write(data) if how == "framed" else server.write_raw(data)
-        assert server.proc.poll() is None
+            raw_server.write(data) if how == "framed" else raw_server.write_raw(data)
+        assert raw_server.proc.poll() is None
 
     started = time.monotonic()
     fuzz()
-    print(f"hypothesis: {server.sent} messages in {time.monotonic() - started:.1f} s")
+    print(f"hypothesis: {raw_server.sent} messages in {time.monotonic() - started:.1f} s")
     # the hypothesis part may have broken the framing on purpose: this realigns it (and is answered)
-    server.write_raw(b"\r\n" + frame(b"{}"))
+    raw_server.write_raw(b"\r\n" + frame(b"{}"))
 
     episodes, tracked = Episodes(seed=15), []
-    while server.sent < MESSAGES:
+    while raw_server.sent < MESSAGES:
         for data, msg_id in episodes.any():
-            server.write_raw(data)
+            raw_server.write_raw(data)
             if msg_id is not None:
                 tracked.append(msg_id)
-    assert server.proc.poll() is None
-    print(f"{server.sent} messages written in {time.monotonic() - started:.1f} s")
+    assert raw_server.proc.poll() is None
+    print(f"{raw_server.sent} messages written in {time.monotonic() - started:.1f} s")
 
     deadline = time.monotonic() + 120
-    while missing := [i for i in tracked if json.dumps(i) not in server.replies]:
-        assert server.proc.poll() is None, "the server died"
+    while missing := [i for i in tracked if json.dumps(i) not in raw_server.replies]:
+        assert raw_server.proc.poll() is None, "the server died"
         assert time.monotonic() < deadline, f"{len(missing)} of {len(tracked)} requests never answered: {missing[:10]}"
         time.sleep(0.05)
-    undone = _undo_everything(server)
+    undone = _undo_everything(raw_server)
     print(f"all {len(tracked)} tracked requests answered, {undone} patch(es) undone, "
           f"{time.monotonic() - started:.1f} s")
 
     # still alive and still right: reset the settings, reopen the document
-    server.send({"jsonrpc": "2.0", "method": "workspace/didChangeConfiguration",
+    raw_server.send({"jsonrpc": "2.0", "method": "workspace/didChangeConfiguration",
                  "params": {"settings": {key: None for key in SETTING_KEYS if key != "model"}}})
-    server.send({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
+    raw_server.send({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
         "uri": URI, "languageId": "python", "version": 99, "text": TEXT}}})
-    after = server.request("final", "textDocument/inlineCompletion", inline_params())
+    after = raw_server.request("final", "textDocument/inlineCompletion", inline_params())
     assert after["result"]["items"][0]["insertText"] == expected
     assert after["result"]["items"][0]["range"] == {"start": {"line": 3, "character": 9},
                                                     "end": {"line": 3, "character": 9}}
-    assert server.sent >= MESSAGES
-    assert server.proc.poll() is None
+    assert raw_server.sent >= MESSAGES
+    assert raw_server.proc.poll() is None
