@@ -11,7 +11,9 @@
   invoked completion is never cut). An automatic multi-line completion still running
   `multilineBudgetMs` after it arrived shows the whole lines it has (or its first line so far); the
   decoder keeps what it fed, so the next request — after the user accepts those lines, or asks again —
-  continues the block from there instead of starting over.
+  continues the block from there instead of starting over. A cut completion also goes on decoding in
+  the worker after the answer (until the next request for the document stops it), so that what follows
+  is ready before it is asked for.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Stats:
     empty: int = 0
     accepted: int = 0
     truncated: int = 0
+    continued: int = 0   # cut completions decoded on to their end in the background
     errors: int = 0
     new_tokens: int = 0
     forward_passes: int = 0
@@ -68,9 +71,10 @@ class Stats:
     draft_accepted: int = 0
     generation_seconds: list = field(default_factory=list)
 
-    def count(self, decoded) -> None:
-        self.generated += 1
-        self.generation_seconds.append(decoded.seconds)
+    def count(self, decoded, background: bool = False) -> None:
+        if not background:
+            self.generated += 1
+            self.generation_seconds.append(decoded.seconds)
         self.new_tokens += len(decoded.ids)
         self.forward_passes += decoded.forward_passes
         self.drafted += decoded.drafted
@@ -82,7 +86,7 @@ class Stats:
         return {
             "requests": self.requests, "generated": self.generated, "cached": self.cached,
             "cancelled": self.cancelled, "empty": self.empty, "accepted": self.accepted,
-            "truncated": self.truncated, "errors": self.errors, "newTokens": self.new_tokens,
+            "truncated": self.truncated, "continued": self.continued, "errors": self.errors, "newTokens": self.new_tokens,
             "forwardPasses": self.forward_passes, "drafted": self.drafted, "draftAccepted": self.draft_accepted,
             "generationMsP50": p(0.5), "generationMsP95": p(0.95), "cache": cache.stats(),
         }
@@ -136,20 +140,19 @@ class CompletionService:
             loop = asyncio.get_running_loop()
             async with self.server.status.generation() as g:
                 try:
-                    text, generated, version, multiline = await loop.run_in_executor(
+                    text, generated, version, prompt = await loop.run_in_executor(
                         self.executor, self._generate, uri, context, settings, cancel,
                         arrived if automatic else None,
                     )
                 except GenerationCancelled:
                     self.stats.cancelled += 1
                     return None
-                if not multiline:   # long multi-line completions are expected to take seconds
+                if not prompt.multiline:   # long multi-line completions are expected to take seconds
                     g.seconds = generated.decoded.seconds
             self.stats.count(generated.decoded)
             self.stats.truncated += generated.truncated
             self.cache.put(context, settings.generation_key() + (version, host.model_name), text,
                            exact=not generated.truncated)
-            return self._shown(uri, position, text)
         except asyncio.CancelledError:
             cancel.set()
             self.stats.cancelled += 1
@@ -157,18 +160,46 @@ class CompletionService:
         finally:
             if self.inflight.get(uri) is cancel:
                 del self.inflight[uri]
+        if generated.truncated:
+            self._continue_later(uri, context, prompt, settings)
+        return self._shown(uri, position, text)
+
+    def _continue_later(self, uri: str, context: Context, prompt, settings) -> None:
+        """A completion its budget cut goes on in the worker to its natural end, so that the next request
+        (the user accepted what was shown, or asks again) finds the rest already fed — and, at the same
+        spot, the whole completion in the cache. Any request for the document stops it first."""
+        cancel = threading.Event()
+        self.inflight[uri] = cancel
+        done = asyncio.get_running_loop().run_in_executor(
+            self.executor, self._generate, uri, context, settings, cancel, None, prompt)
+
+        def finished(future) -> None:
+            if self.inflight.get(uri) is cancel:
+                del self.inflight[uri]
+            if future.cancelled() or isinstance(future.exception(), GenerationCancelled):
+                return   # the next request came first
+            if future.exception() is not None:
+                log.warning("continuing a completion failed: %s", future.exception())
+                return
+            text, generated, version, _ = future.result()
+            self.stats.continued += 1
+            self.stats.count(generated.decoded, background=True)
+            self.cache.put(context, settings.generation_key() + (version, self.server.host.model_name), text)
+
+        done.add_done_callback(finished)
 
     def _budget(self, settings) -> int:
         window = self.server.host.context_window
         return max(16, min(settings.context_tokens, window - max(settings.max_tokens, settings.max_line_tokens) - 8))
 
-    def _generate(self, uri, context: Context, settings, cancel: threading.Event, arrived: float | None):
-        """In the generation worker: prompt, generate, post-process. `arrived`: when an automatic request
-        came (its latency budget counts from there); None for an invoked one (never cut)."""
+    def _generate(self, uri, context: Context, settings, cancel: threading.Event, arrived: float | None,
+                  prompt=None):
+        """In the generation worker: prompt (unless given), generate, post-process. `arrived`: when an
+        automatic request came (its latency budget counts from there); None: never cut."""
         if cancel.is_set():
             raise GenerationCancelled()
         host = self.server.host
-        prompt = build_prompt(
+        prompt = prompt or build_prompt(
             context,
             host.serving.tokenizer,
             multiline=settings.multiline,
@@ -185,7 +216,7 @@ class CompletionService:
             d.seconds * 1000, d.prompt_tokens, d.reused_tokens, len(d.ids), d.forward_passes, d.accepted,
             d.drafted, text,
         )
-        return text, generated, version, prompt.multiline
+        return text, generated, version, prompt
 
     def _shown(self, uri: str, position: types.Position, text: str) -> Shown | None:
         if not text:

@@ -115,9 +115,6 @@ class _KV:
             self.argmax = {p: t for p, t in self.argmax.items() if p < length}
             self.logits = {p: v for p, v in self.logits.items() if p < length}
 
-    def knows(self, position: int, need_logits: bool) -> bool:
-        return position in (self.logits if need_logits else self.argmax)
-
     def record(self, first: int, logits: torch.Tensor) -> None:
         """Next-token logits for positions first .. first + len(logits) - 1."""
         for i, row in enumerate(logits):
@@ -244,7 +241,7 @@ class Decoder:
         passes = drafted = accepted = 0
         last = len(ids) - 1
         common = _common_prefix(kv.fed, ids)
-        if common >= len(ids) and kv.knows(last, need_logits=bool(heal)):
+        if common >= len(ids) and last in kv.argmax:
             reused = len(ids)   # typical while the user types: the last call fed these very tokens
         else:
             reused = min(common, last)
@@ -261,8 +258,8 @@ class Decoder:
         while True:
             position = len(seq) - 1
             if rest:
-                allowed = self.vocab.allowed(rest)
-                token = int(allowed[kv.logits[position][allowed].argmax()])
+                token, refed = self._healing_choice(kv, seq, position, rest)
+                passes += refed
                 spelled = self.vocab.texts[token]
                 rest = rest[len(spelled):] if rest.startswith(spelled) else ""
             else:
@@ -281,7 +278,7 @@ class Decoder:
                 truncated = True
                 break
             nxt = position + 1
-            if len(kv.fed) > nxt and kv.fed[nxt] == token and kv.knows(nxt, need_logits=bool(rest)):
+            if len(kv.fed) > nxt and kv.fed[nxt] == token and nxt in kv.argmax:
                 continue   # already fed (a draft, or the last call's tail) and its next token is known
             check()
             kv.crop(nxt)
@@ -295,6 +292,22 @@ class Decoder:
                 self._adapt(hits, len(draft))
         return Decoded(new, ended, truncated, len(ids), reused, passes, drafted, accepted,
                        time.perf_counter() - started)
+
+    def _healing_choice(self, kv: _KV, seq: list[int], position: int, rest: str) -> tuple[int, int]:
+        """The argmax over the tokens allowed while `rest` is still to be spelled, and the forward passes it
+        took. The plain argmax, when allowed, is also the constrained one: no logits needed (a fed tail
+        keeps only its argmax beyond the last KEPT_LOGITS positions)."""
+        allowed = self.vocab.allowed(rest)
+        best = kv.argmax[position]
+        i = int(torch.searchsorted(allowed, best))
+        if i < len(allowed) and int(allowed[i]) == best:
+            return best, 0
+        refed = 0
+        if position not in kv.logits:   # feed that position's token again for its logits
+            kv.crop(position)
+            self._forward(kv, [seq[position]], keep=1)
+            refed = 1
+        return int(allowed[kv.logits[position][allowed].argmax()]), refed
 
     def _draft(self, seq: list[int], one_line: bool) -> list[int]:
         draft = lookup_draft(seq, self._draft_len)

@@ -159,6 +159,27 @@ def test_a_fed_tail_is_taken_without_forward_passes_while_it_is_what_greedy_writ
     assert dec.run(ids + first.ids[:12], max_new_tokens=9).ids == further.ids   # a fresh cache agrees
 
 
+def test_healing_on_a_long_fed_tail_needs_no_logits_when_the_argmax_spells_the_heal(tiny_llama):
+    from star_engine.decode import KEPT_LOGITS
+
+    dec = Decoder(tiny_llama)
+    ids = encode(tiny_llama, REPEATING)
+    first = dec.run(ids, max_new_tokens=3 * KEPT_LOGITS, key="doc", speculate=False).ids
+    assert len(first) == 3 * KEPT_LOGITS
+    cut = 10   # far from the end: only the argmax of that position is still kept
+    assert len(ids) + cut - 1 not in dec._kv["doc"].logits
+    heal = tiny_llama.tokenizer.decode([first[cut - 1]])
+    again = dec.run(ids + first[: cut - 1], max_new_tokens=8, heal=heal, key="doc", speculate=False)
+    assert again.ids == first[cut - 1 : cut + 8] and again.forward_passes == 0
+    # a heal the argmax does not spell: the logits are computed again, and the choice is still exact
+    other = next(t for t in range(3, 500) if tiny_llama.tokenizer.decode([t]).strip()
+                 and not tiny_llama.tokenizer.decode([t]).startswith(heal))
+    heal2 = tiny_llama.tokenizer.decode([other])
+    kept = dec.run(ids + first[: cut - 1], max_new_tokens=4, heal=heal2, key="doc", speculate=False)
+    fresh = Decoder(tiny_llama).run(ids + first[: cut - 1], max_new_tokens=4, heal=heal2, speculate=False)
+    assert kept.ids == fresh.ids and kept.forward_passes >= 1
+
+
 def test_deadline_returns_what_is_ready_and_the_next_request_continues_from_the_kept_cache(tiny_llama):
     dec = Decoder(tiny_llama)
     ids = encode(tiny_llama, REPEATING)
