@@ -193,7 +193,7 @@ class Typist:
             self.shown = rec["text"]
 
 
-async def run_server_trace(args) -> dict:
+async def run_server_trace(args, options: dict) -> dict:
     command = [sys.executable, "-m", "star_server", "--adapters", args.adapters]
     command += ["--log-level", "debug", "--log-file", args.server_log] if args.server_log else ["--log-level", "warning"]
     if args.model:
@@ -208,7 +208,7 @@ async def run_server_trace(args) -> dict:
     await client.initialize_async(types.InitializeParams(
         capabilities=types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
             inline_completion=types.InlineCompletionClientCapabilities())),
-        initialization_options={"debounceMs": 0},
+        initialization_options={"debounceMs": 0} | options,
     ))
     client.initialized(types.InitializedParams())
     while not any(getattr(s, "kind", None) == "ready" for s in statuses):
@@ -269,8 +269,9 @@ async def run_server_trace(args) -> dict:
 
 def baselines(model: str | None, prefixes: list[str]) -> dict[str, list[float]]:
     """Latency without the server, in this process, on the same prefixes:
-    * `complete()`: the engine's plain call (full prompt through `generate`, 24 new tokens, no healing);
-    * "same pipeline": the server's prompt, token healing and decoding, but no KV reuse and no cache."""
+    * `complete()`: the engine's plain call (the whole prompt prefilled, 24 new tokens, no healing);
+    * "same pipeline": the server's prompt, token healing and decoding, but no KV reuse and no cache,
+      with and without prompt-lookup drafts."""
     import torch
 
     from star_engine.decode import Decoder
@@ -282,17 +283,18 @@ def baselines(model: str | None, prefixes: list[str]) -> dict[str, list[float]]:
     lm = load_model(model)
     gen = Decoder(lm)
     complete(lm, "import os\n", max_new_tokens=2)   # warm-up
-    out = {"plain complete() (no server)": [], "same pipeline, no KV reuse/cache": []}
+    out = {"plain complete() (no server)": [], "same pipeline, no KV reuse/cache": [],
+           "same, and no drafts": []}
     for prefix in prefixes:
         t0 = time.perf_counter()
         complete(lm, prefix, max_new_tokens=24)
         out["plain complete() (no server)"].append((time.perf_counter() - t0) * 1000)
-        t0 = time.perf_counter()
-        gen.reset()
         prompt = build_prompt(Context.at(prefix, len(prefix), 384), lm.tokenizer)
-        complete_prompt(gen, prompt.text, max_new_tokens=prompt.max_new_tokens, multiline=prompt.multiline,
-                        base_indent=prompt.base_indent, heal=prompt.heal)
-        out["same pipeline, no KV reuse/cache"].append((time.perf_counter() - t0) * 1000)
+        for name, speculate in (("same pipeline, no KV reuse/cache", True), ("same, and no drafts", False)):
+            t0 = time.perf_counter()
+            complete_prompt(gen, prompt.text, max_new_tokens=prompt.max_new_tokens, multiline=prompt.multiline,
+                            base_indent=prompt.base_indent, heal=prompt.heal, speculate=speculate)
+            out[name].append((time.perf_counter() - t0) * 1000)
     return out
 
 
@@ -322,7 +324,8 @@ def summarize(result: dict, baseline: dict[str, list[float]] | None) -> dict:
         "shown": sum(bool(r["text"]) for r in answered),
         "accepted": result["accepted"],
         "latency": table,
-        "server": {k: result["stats"][k] for k in ("generated", "cached", "cancelled", "generationMsP50", "generationMsP95")},
+        "server": {k: result["stats"][k] for k in ("generated", "cached", "cancelled", "generationMsP50", "generationMsP95",
+                                                   "newTokens", "forwardPasses", "drafted", "draftAccepted")},
         "cache_hit_rate": cache["hitRate"],
         "cache_forward_hits": cache["forwardHits"],
         "rss_mib": round(result["rss_mib"]),
@@ -334,6 +337,24 @@ def summarize(result: dict, baseline: dict[str, list[float]] | None) -> dict:
     }
 
 
+def report(name: str, summary: dict) -> None:
+    print(f"\n== {name}: typed {summary['requests']} keystrokes in {summary['trace_s']} s "
+          f"(server ready after {summary['ready_s']} s); {summary['cancelled']} requests cancelled by the next key; "
+          f"{summary['pauses']} pauses; {summary['shown']} completions shown, {summary['accepted']} accepted")
+    print(f"{'':34} {'n':>5} {'p50 ms':>7} {'p95 ms':>7}")
+    for group, row in summary["latency"].items():
+        print(f"{group:34} {row['n']:5d} {fmt(row['p50_ms'])}  {fmt(row['p95_ms'])}")
+    s = summary["server"]
+    answered = summary["latency"]["all answered"]["n"]
+    print(f"server: {s['generated']} generations (p50 {s['generationMsP50']} ms, p95 {s['generationMsP95']} ms); "
+          f"{s['cached']} of {answered} answered requests served from the cache "
+          f"({summary['cache_forward_hits']} typing-forward); hit rate over all lookups {summary['cache_hit_rate']:.1%}")
+    print(f"decoding: {s['newTokens']} new tokens in {s['forwardPasses']} forward passes; "
+          f"{s['draftAccepted']} of {s['drafted']} drafted tokens accepted")
+    print(f"server RSS {summary['rss_mib']} MiB (peak {summary['peak_rss_mib']} MiB); {summary['cpus']} CPUs, "
+          f"load average {summary['loadavg_1min_before']:.1f} before, {summary['loadavg_1min']:.1f} after")
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as the server does (before torch loads)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -343,38 +364,42 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baseline", type=int, default=30,
                         help="prefixes (of the single-line requests at pauses) to time without the server (0: skip)")
+    parser.add_argument("--compare", action="store_true",
+                        help="then type the same trace again with the decoder as it was before drafting and the "
+                             "multi-line budget (speculate off, multilineBudgetMs 0), for a same-run comparison")
     parser.add_argument("--json", help="also write the summary (and every request) to this file")
     parser.add_argument("--server-log", help="the server's debug log (per-completion timings) goes here")
     args = parser.parse_args(argv)
 
-    load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="star-bench-") as adapters:
-        args.adapters = adapters
-        result = asyncio.run(run_server_trace(args))
-    visible = [r["prefix"] for r in result["records"] if r["visible"] and not r["cancelled"] and not r["multiline"]]
-    baseline = None
-    if args.baseline and visible:
-        step = max(1, len(visible) // args.baseline)
-        baseline = baselines(args.model, visible[::step][: args.baseline])
-    summary = summarize(result, baseline)
-    summary["loadavg_1min_before"] = load_before
-
-    print(f"typed {summary['requests']} keystrokes in {summary['trace_s']} s "
-          f"(server ready after {summary['ready_s']} s); {summary['cancelled']} requests cancelled by the next key; "
-          f"{summary['pauses']} pauses; {summary['shown']} completions shown, {summary['accepted']} accepted")
-    print(f"{'':34} {'n':>5} {'p50 ms':>7} {'p95 ms':>7}")
-    for name, row in summary["latency"].items():
-        print(f"{name:34} {row['n']:5d} {fmt(row['p50_ms'])}  {fmt(row['p95_ms'])}")
-    s = summary["server"]
-    answered = summary["latency"]["all answered"]["n"]
-    print(f"server: {s['generated']} generations (p50 {s['generationMsP50']} ms, p95 {s['generationMsP95']} ms); "
-          f"{s['cached']} of {answered} answered requests served from the cache "
-          f"({summary['cache_forward_hits']} typing-forward); hit rate over all lookups {summary['cache_hit_rate']:.1%}")
-    print(f"server RSS {summary['rss_mib']} MiB (peak {summary['peak_rss_mib']} MiB); {summary['cpus']} CPUs, "
-          f"load average {summary['loadavg_1min_before']:.1f} before, {summary['loadavg_1min']:.1f} after")
+    runs = {"default": {}}
+    if args.compare:
+        runs["no drafts, no multi-line budget"] = {"speculate": False, "multilineBudgetMs": 0}
+    summaries = {}
+    for name, options in runs.items():
+        load_before = os.getloadavg()[0]
+        with tempfile.TemporaryDirectory(prefix="star-bench-") as adapters:
+            args.adapters = adapters
+            result = asyncio.run(run_server_trace(args, options))
+        visible = [r["prefix"] for r in result["records"]
+                   if r["visible"] and not r["cancelled"] and not r["multiline"]]
+        baseline = None
+        if args.baseline and visible and name == "default":
+            step = max(1, len(visible) // args.baseline)
+            baseline = baselines(args.model, visible[::step][: args.baseline])
+        summary = summaries[name] = summarize(result, baseline)
+        summary["loadavg_1min_before"] = load_before
+        summary["records"] = [{k: v for k, v in r.items() if k not in ("task", "prefix")} for r in result["records"]]
+        report(name, summary)
+    if args.compare:
+        print("\nsame trace, same run:")
+        print(f"{'':34} " + "  ".join(f"{name[:30]:>30}" for name in summaries))
+        for group in ("single-line, at pauses", "multi-line, at pauses"):
+            cells = [summaries[n]["latency"][group] for n in summaries]
+            print(f"{group + ' p50/p95 ms':34} " + "  ".join(
+                f"{fmt(c['p50_ms']).strip() + ' / ' + fmt(c['p95_ms']).strip():>30}" for c in cells))
+        print(f"{'accepted completions':34} " + "  ".join(f"{summaries[n]['accepted']:>30}" for n in summaries))
     if args.json:
-        records = [{k: v for k, v in r.items() if k not in ("task", "prefix")} for r in result["records"]]
-        Path(args.json).write_text(json.dumps(summary | {"records": records}, indent=1))
+        Path(args.json).write_text(json.dumps(summaries, indent=1))
     return 0
 
 
