@@ -249,9 +249,11 @@ async def test_bad_input_gets_errors_or_empty_results(shared):
 @on_shared
 async def test_cancel_request_stops_the_generation(server):
     c = server
-    # long multi-line generations (the tiny model never stops by itself), so there is time to cancel
+    # long multi-line generations (the tiny model never stops by itself; without prompt-lookup drafts, which
+    # accept its repetitions many tokens a step, and without the multi-line budget, which would answer the
+    # automatic ones early), so there is time to cancel
     c.workspace_did_change_configuration(types.DidChangeConfigurationParams(
-        settings={"maxTokens": 1000, "multiline": "always"}))
+        settings={"maxTokens": 1000, "multiline": "always", "speculate": False, "multilineBudgetMs": 0}))
     cancelled = (await command(c, "star.stats"))["cancelled"]
     try:
         uri = "file:///tmp/long.py"
@@ -291,7 +293,8 @@ async def test_cancel_request_stops_the_generation(server):
         assert len((await second).items) == 1
     finally:
         c.workspace_did_change_configuration(types.DidChangeConfigurationParams(
-            settings={"maxTokens": None, "multiline": None}))       # back to the command line's settings
+            settings={"maxTokens": None, "multiline": None, "speculate": None,
+                      "multilineBudgetMs": None}))   # the defaults again
 
 
 async def test_settings_from_init_options_and_did_change_configuration(tiny_model_dir, tmp_path):
@@ -371,7 +374,8 @@ def test_server_exits_when_the_client_vanishes(tiny_model_dir, tmp_path):
     """stdin closed in the middle of a generation: the process ends on its own, with the exit code of an
     exit without shutdown, and answers the completion still in flight as cancelled."""
     server = RawServer(server_command(tiny_model_dir, tmp_path / "a"))
-    server.request(1, "initialize", {"capabilities": {}, "initializationOptions": {"maxTokens": 1000, "multiline": "always"}})
+    server.request(1, "initialize", {"capabilities": {}, "initializationOptions": {
+        "maxTokens": 1000, "multiline": "always", "speculate": False}})      # a long generation (see above)
     server.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
     server.send({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
         "uri": "file:///tmp/v.py", "languageId": "python", "version": 1, "text": LONG}}})
