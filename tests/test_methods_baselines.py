@@ -8,7 +8,7 @@ from helpers import same_weights, snapshot
 from star_engine.case import RepairCase
 from star_engine.generate import complete
 from star_engine.methods import METHODS, field_help, get_method
-from star_engine.methods.mint.mint import orthogonalise, top_candidates, traction
+from star_engine.methods.mint.mint import earlier_cost, gap, orthogonalise, top_candidates, traction
 from star_engine.repair import repair, undo
 
 PLANTED = RepairCase(prompt="def add(a, b):\n    return a +", fix=" b")
@@ -100,20 +100,95 @@ def test_mint_math():
     assert torch.allclose(t, torch.tensor([0.0, 5.0, 0.0]))
 
 
+def test_mint_gap_rules_and_the_cost_of_breaking_earlier_tokens():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    assert abs(gap(logits, 1, 2) - 0.1) < 1e-6          # against a given wrong token
+    assert abs(gap(logits, None, 2) - 0.3) < 1e-6       # against the strongest other token
+    assert abs(gap(logits, None, 0) + 0.2) < 1e-6       # the target on top: negative
+    from star_engine.methods.mint import MintConfig, MintMethod
+
+    assert abs(MintMethod(MintConfig(gap="argmax"))._cost(logits, 1, 2) - 0.1) < 1e-6
+    assert abs(MintMethod(MintConfig(gap="target"))._cost(logits, 1, 2) + 0.2) < 1e-6   # -p(target)
+    rows = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]]))
+    assert earlier_cost(rows, [0, 1]) == 0.0            # both still the argmax
+    assert abs(earlier_cost(rows, [0, 2]) - 0.6) < 1e-6  # the second broken: 0.7 - 0.1
+
+
+def test_mint_layer_ranges_follow_the_reference():
+    from star_engine.methods.mint import MintConfig, MintMethod
+
+    def layers(which):
+        return MintMethod(MintConfig(layers=which))._layers(30)
+
+    assert layers("half") == list(range(15, 30))
+    assert layers("quarter") == list(range(22, 30))     # the reference's 'forth' skips int(0.75 L)
+    assert layers("all") == list(range(30))
+
+
+def test_signed_traction_pulls_every_candidate_along_tau(tokenizer):
+    from conftest import make_tiny
+    from star_engine.capture import encode_case
+    from star_engine.hooks import record_activations
+    from star_engine.methods.mint import MintConfig, MintMethod
+    from star_engine.session import RepairSession
+
+    lm = make_tiny("llama", tokenizer)
+    session = RepairSession(lm, [encode_case(lm, PLANTED)])
+    ids = torch.tensor([list(session.cases[0].prompt_ids)])
+    with torch.no_grad(), record_activations(lm.arch, [2, 3]) as acts:
+        lm.model(input_ids=ids)
+    candidates = [(l, j) for l in (2, 3) for j in range(8)]
+    a = [float(acts[l][0, -1, j]) for l, j in candidates]
+    assert min(a) < 0 < max(a)                          # a gated MLP: both signs among the candidates
+    tau = torch.randn(lm.arch.d_model, generator=torch.Generator().manual_seed(0))
+    signed = MintMethod(MintConfig(signed=True))._tractions(session, ids, candidates, tau)
+    plain = MintMethod(MintConfig(signed=False))._tractions(session, ids, candidates, tau)
+    assert all(torch.equal(t, tau) for t in plain)
+    for aj, t in zip(a, signed):
+        assert aj * float(t @ tau) >= 0                 # the blend's pull a_j * f * t points along +tau
+    assert sum(torch.equal(t, -tau) for t in signed) == sum(aj < 0 for aj in a)
+
+
+def test_mint_trace_records_each_round_and_the_patch_is_exactly_its_neurons(tokenizer):
+    from conftest import make_tiny
+    from star_engine.capture import encode_case
+    from star_engine.methods.mint import MintConfig, MintMethod
+    from star_engine.session import RepairSession
+
+    lm = make_tiny("gpt2", tokenizer)
+    before = snapshot(lm)
+    enc = encode_case(lm, PLANTED)
+    method = MintMethod(MintConfig(blend=10.0, signed=True, gap="target", keep_earlier=True))
+    method.repair(RepairSession(lm, [enc]))
+    assert method.trace
+    touched = set()
+    for t in method.trace:
+        assert t.rounds and len(t.rounds) <= method.config.max_patches
+        assert all((l, j) in t.candidates for l, j, _, _ in t.rounds)
+        assert t.fixed == (t.rounds[-1][3] == t.target)
+        if t.fixed:
+            touched |= {(l, j) for l, j, _, _ in t.rounds}
+    changed = {(l, j) for l in range(lm.arch.n_layers)
+               for j in (lm.arch.columns(l) != before[l]).any(dim=0).nonzero().flatten().tolist()}
+    assert changed == touched
+
+
 def test_batched_simulated_editing_equals_patch_forward_undo(tokenizer):
     from conftest import make_tiny
-    from star_engine.methods.mint.mint import blend_column, gap, simulate
+    from star_engine.methods.mint.mint import blend_column, simulate
 
     for family in ("llama", "gpt2"):
         lm = make_tiny(family, tokenizer)
         ids = torch.tensor([[5, 17, 300, 42, 7]])
-        tau = torch.randn(lm.arch.d_model, generator=torch.Generator().manual_seed(1))
+        gen = torch.Generator().manual_seed(1)
         candidates = [(3, 5), (1, 7), (3, 9), (3, 5)]
-        batched = simulate(lm, ids, candidates, tau, 0.5, 11, 12)
-        for (l, j), g in zip(candidates, batched):
+        tractions = [torch.randn(lm.arch.d_model, generator=gen) for _ in candidates]
+        batched = simulate(lm, ids, candidates, tractions, 0.5, positions=3)
+        assert batched.shape[:2] == (len(candidates), 3)
+        for (l, j), tau, rows in zip(candidates, tractions, batched):
             W = lm.arch.columns(l)
             old = blend_column(W, j, tau, 0.5)
             with torch.no_grad():
-                one = gap(lm.model(input_ids=ids).logits[0, -1], 11, 12)
+                one = lm.model(input_ids=ids).logits[0, -3:]
                 W[:, j] = old
-            assert abs(one - g) < 1e-5
+            assert torch.allclose(one, rows, atol=1e-4)

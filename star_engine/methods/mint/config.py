@@ -9,7 +9,7 @@ class MintConfig:
     layers: Literal["half", "all", "quarter"] = field(
         default="half",
         metadata={"help": "layers searched for candidate neurons: half (the upper half, as MINT), all, "
-                          "quarter (the last quarter)"},
+                          "quarter (the last quarter: layers from floor(3L/4) on, as the reference's 'forth')"},
     )
     candidates: int = field(default=10, metadata={"help": "top grad x activation neurons tried by simulated editing"})
     max_patches: int = field(
@@ -17,6 +17,24 @@ class MintConfig:
         metadata={"help": "patches per failure at most; beyond that the failure's patches are rolled back (skipped)"},
     )
     blend: float = field(default=0.01, metadata={"help": "f in w <- (w + f * tau) / (1 + f)"})
+    signed: bool = field(
+        default=False,
+        metadata={"help": "blend a neuron whose activation at the failure is negative toward -tau, so every patch "
+                          "moves the layer's output along +tau; false blends every candidate toward +tau (the "
+                          "reference code)"},
+    )
+    gap: Literal["argmax", "target"] = field(
+        default="argmax",
+        metadata={"help": "what a simulated patch is scored by: argmax = p(argmax before the trial) - p(target) "
+                          "(the reference code); target = -p(target), the trial that raises the target most"},
+    )
+    keep_earlier: bool = field(
+        default=False,
+        metadata={"help": "a simulated patch also pays, for each earlier target token of the case, how far it "
+                          "leaves that token from being the argmax (zero while all stay right), so MINT prefers "
+                          "neurons that fix this token without breaking the ones before it; read from the same "
+                          "batched forward pass. false scores the failing token alone (the reference code)"},
+    )
     give_up: bool = field(
         default=True,
         metadata={"help": "end the repair at the first skipped failure (that case cannot pass verification any "
