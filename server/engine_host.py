@@ -28,7 +28,7 @@ from star_engine.case import RepairCase
 from star_engine.decode import Decoder
 from star_engine.generate import Completion, complete_prompt
 from star_engine.guard import GuardConfig, guard_for
-from star_engine.model import LoadedModel, load_model
+from star_engine.model import LoadedModel, load_model, workbench_copy
 from star_engine.repair import RepairResult, keep_or_undo, repair
 
 from .patches import open_stack
@@ -98,12 +98,7 @@ class EngineHost:
         return self.install(serving, adapters_dir)
 
     def install(self, serving: LoadedModel, adapters_dir: str | None) -> LoadReport:
-        workbench = LoadedModel(
-            model=copy.deepcopy(serving.model),
-            tokenizer=_copy_tokenizer(serving.tokenizer),
-            name=serving.name,
-            path=serving.path,
-        )
+        workbench = workbench_copy(serving, _copy_tokenizer(serving.tokenizer))
         stack = open_stack(workbench, Path(adapters_dir).expanduser() if adapters_dir else None)
         folder = stack.path
         with stack.lock:

@@ -219,3 +219,17 @@ def from_modules(model: nn.Module, tokenizer, name: str = "in-memory") -> Loaded
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=Path("."))
+
+
+def workbench_copy(lm: LoadedModel, tokenizer=None) -> LoadedModel:
+    """A second model to repair on while `lm` serves: its own modules and its own output-projection
+    weights (the only tensors a repair, an adapter or the patch stack ever writes), every other parameter
+    and buffer shared with `lm`. Costs the output projections (a fifth of SmolLM2, a sixth of
+    Qwen2.5-Coder-0.5B), not a whole second model."""
+    import copy
+
+    own = {id(lm.arch.weight(layer)) for layer in range(lm.arch.n_layers)}
+    shared = {id(t): t for t in [*lm.model.parameters(), *lm.model.buffers()] if id(t) not in own}
+    model = copy.deepcopy(lm.model, memo=dict(shared))
+    return LoadedModel(model=model, tokenizer=tokenizer or lm.tokenizer, name=lm.name, path=lm.path)
+

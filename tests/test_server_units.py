@@ -229,3 +229,30 @@ def test_cache_keeps_only_forward_entries_of_a_partial_line():
     assert cache.get(ctx.extended("com"), ()) == "pute("
 
 
+
+
+# -- the workbench ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "codegen"])
+def test_the_workbench_shares_all_but_the_output_projections_with_the_serving_model(family, tokenizer):
+    import torch
+
+    from conftest import make_tiny
+    from star_engine.case import RepairCase
+    from star_engine.model import workbench_copy
+    from star_engine.repair import repair
+
+    serving = make_tiny(family, tokenizer)
+    bench = workbench_copy(serving)
+    own = {serving.arch.weight(layer).data_ptr() for layer in range(serving.arch.n_layers)}
+    for (name, a), (_, b) in zip(serving.model.state_dict().items(), bench.model.state_dict().items()):
+        assert (a.data_ptr() == b.data_ptr()) == (a.data_ptr() not in own), name
+        assert torch.equal(a, b), name
+    ids = torch.tensor([tokenizer("def add(a, b):\n    return a +", add_special_tokens=False)["input_ids"]])
+    before = serving.model(input_ids=ids).logits
+    result = repair(bench, [RepairCase(prompt="def add(a, b):\n    return a +", fix=" b")], "star",
+                    {"lr": "0.1"}, guard=None)
+    assert result.fixed
+    assert torch.equal(serving.model(input_ids=ids).logits, before)   # the serving model did not move
+    assert not torch.equal(bench.model(input_ids=ids).logits, before)
