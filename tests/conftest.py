@@ -1,17 +1,22 @@
 """Shared fixtures: tiny random models built from configs with a tokenizer trained here (nothing to install or
-download), the real servers on the tiny Llama that the server tests share (starting one takes seconds), and
-the real default model (slow tests only)."""
+download), the real servers on the tiny Llama that the server tests use (all started as the session begins,
+since each start takes seconds; two of them shared by many tests), and the real default model (slow tests
+only)."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytest_asyncio
 import torch
 from transformers import AutoModelForCausalLM, CodeGenConfig, GPT2Config, LlamaConfig, Qwen2Config
 
-from lsp_harness import RawServer, cleaned, server_command, tiny_server
+from helpers import FULL_DISK, can_mount, mounted
+from lsp_harness import Ahead, RawServer, cleaned, serving, server_command, spawn
 from star_engine.model import from_modules, load_model
 from tiny_tokenizer import train_tiny_tokenizer
 
@@ -75,13 +80,60 @@ def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
     return path
 
 
+def _starters(model_dir: Path, tmp_path_factory) -> dict:
+    """How each server the tests use is started, by the name of the fixture that serves it."""
+
+    def folders(name: str) -> tuple[Path, Path]:
+        root = tmp_path_factory.mktemp(name)
+        return root / "adapters", root / "server.log"
+
+    def lsp(name: str, logged: bool = False, mount: str | None = None):
+        async def start():
+            adapters, log = folders(name)
+            command = server_command(model_dir, adapters, *(["--log-file", str(log)] if logged else []))
+            client = await spawn(mounted(mount, adapters, command) if mount else command)
+            client.adapters, client.log_path = adapters, log
+            return client
+        return start
+
+    def raw(name: str, logged: bool = False):
+        async def start():
+            adapters, log = folders(name)
+            server = RawServer(server_command(model_dir, adapters, *(["--log-file", str(log)] if logged else [])))
+            server.adapters, server.log = adapters, log
+            return server
+        return start
+
+    async def tcp():
+        with socket.socket() as s:                       # a free port
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = server_command(model_dir, folders("tcp")[0], "--tcp", f"127.0.0.1:{port}")
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return SimpleNamespace(proc=proc, port=port)
+
+    return {"shared": lsp("shared", logged=True), "plain_server": lsp("plain"), "settings_server": lsp("settings"),
+            "shutdown_server": lsp("shutdown"), "raw_server": raw("raw", logged=True),
+            "vanishing_server": raw("vanishing"), "tcp_server": tcp,
+            "full_disk_server": lsp("full-disk", mount=FULL_DISK) if can_mount() else
+            "needs `unshare -rm` (user and mount namespaces) for a real full disk"}
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session", autouse=True)
+async def ahead(request, tiny_model_dir, tmp_path_factory):
+    """Every server that a selected test uses, started now (lsp_harness.Ahead)."""
+    wanted = {name for item in request.session.items for name in item.fixturenames}
+    servers = Ahead(_starters(tiny_model_dir, tmp_path_factory))
+    await servers.start([name for name in servers.starters if name in wanted])
+    yield servers
+    await servers.close()
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def shared(tiny_model_dir, tmp_path_factory):
+async def shared(ahead):
     """One real server on the tiny Llama, driven by pytest-lsp, for the LSP tests of every module (they run on
     the session's event loop: `on_shared`); it logs to `shared.log_path`."""
-    root = tmp_path_factory.mktemp("shared-server")
-    async with tiny_server(tiny_model_dir, root / "adapters", "--log-file", str(root / "server.log")) as client:
-        client.log_path = root / "server.log"
+    async with serving(await ahead.take("shared")) as client:
         yield client
 
 
@@ -92,12 +144,29 @@ async def server(shared):
         yield client
 
 
-@pytest.fixture(scope="session")
-def raw_server(tiny_model_dir, tmp_path_factory) -> RawServer:
+def _own(name: str):
+    """The fixture `name`: that server of its own for one test, started ahead, not initialized (the test does
+    that its way), killed after the test if it still runs."""
+
+    @pytest_asyncio.fixture(name=name, loop_scope="session")
+    async def fixture(ahead):
+        async with ahead.own(name) as server:
+            yield server
+
+    return fixture
+
+
+settings_server = _own("settings_server")
+shutdown_server = _own("shutdown_server")
+full_disk_server = _own("full_disk_server")       # its adapters folder is a tmpfs of 8 KiB
+vanishing_server = _own("vanishing_server")        # over raw stdio
+tcp_server = _own("tcp_server")                    # listening on `tcp_server.port` of 127.0.0.1
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def raw_server(ahead) -> RawServer:
     """One real server over raw stdio, initialized, for the framing and fuzz tests; it logs to `raw_server.log`."""
-    root = tmp_path_factory.mktemp("raw-server")
-    s = RawServer(server_command(tiny_model_dir, root / "adapters", "--log-file", str(root / "server.log")))
-    s.log = root / "server.log"
+    s = await ahead.take("raw_server")
     s.request(0, "initialize", {"processId": None, "capabilities": {"window": {"workDoneProgress": True}}})
     s.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
     yield s

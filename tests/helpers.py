@@ -1,5 +1,6 @@
 """Shared by the test modules: a copy of the weights a patch changes and whether they are unchanged, a
-stand-in tokenizer with FIM tokens, a writer process to kill -9, and the `star` command line in-process."""
+stand-in tokenizer with FIM tokens, a writer process to kill -9, a command in a mount namespace of its own,
+and the `star` command line in-process."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import contextlib
 import io
 import multiprocessing
 import os
+import shutil
 import signal
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -60,6 +64,24 @@ def forked(target, *args):
 def kill_9(proc) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.join()
+
+
+# A real full disk (a tmpfs of 8 KiB) and a real read-only folder (a read-only bind mount) for `mounted`.
+FULL_DISK = 'mount -t tmpfs -o size=8k tmpfs "$0"'
+READ_ONLY = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0"'
+
+
+def can_mount() -> bool:
+    """Whether `unshare -rm` gives this user a private mount namespace (root, or user namespaces allowed)."""
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+def mounted(mount: str, folder: Path, command: list[str]) -> list[str]:
+    """`command` in a private mount namespace where `folder` is mounted by the shell line `mount`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return ["unshare", "-rm", "sh", "-c", f'{mount} && exec "$@"', str(folder), *command]
 
 
 def run_cli(*args) -> tuple[int, str, str]:

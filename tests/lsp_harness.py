@@ -57,10 +57,13 @@ async def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
         await asyncio.sleep(0.02)
 
 
-async def start_client(command: list[str], *, capabilities=INLINE_CAPS, options: dict | None = None,
-                       ready_timeout: float = 120.0):
-    """Start the server, initialize, and wait for its `ready` status."""
-    client = await ClientServerConfig(server_command=command).start()
+async def spawn(command: list[str]):
+    """The server process started under a pytest-lsp client, not yet initialized (it boots meanwhile)."""
+    return await ClientServerConfig(server_command=command).start()
+
+
+async def initialize(client, *, capabilities=INLINE_CAPS, options: dict | None = None, ready_timeout: float = 120.0):
+    """Initialize a spawned server and wait for its `ready` status."""
     client.statuses = []
     client.feature("star/status")(lambda ls, params: client.statuses.append(params))
     client.init_result = await client.initialize_session(
@@ -71,16 +74,76 @@ async def start_client(command: list[str], *, capabilities=INLINE_CAPS, options:
     return client
 
 
+async def start_client(command: list[str], **options):
+    """Start the server, initialize, and wait for its `ready` status."""
+    return await initialize(await spawn(command), **options)
+
+
+@asynccontextmanager
+async def serving(client, **options):
+    """A spawned server, initialized with `options` for the body, stopped at the end."""
+    try:
+        yield await initialize(client, **options)
+    finally:
+        await stop_client(client)
+
+
 @asynccontextmanager
 async def tiny_server(model_dir: Path, adapters: Path, *extra: str, **options):
     """A started server on the tiny model saved at `model_dir`, its adapters folder kept as `client.adapters`;
     stopped at the end."""
-    client = await start_client(server_command(model_dir, adapters, *extra), **options)
+    client = await spawn(server_command(model_dir, adapters, *extra))
     client.adapters = adapters
-    try:
+    async with serving(client, **options):
         yield client
-    finally:
-        await stop_client(client)
+
+
+class Ahead:
+    """Servers started before the tests that use them: a start is seconds of imports (torch, transformers,
+    pygls), which then pass while other tests run. conftest's `ahead` starts, as the session begins, each
+    server that a selected test uses (`starters`: fixture name -> async function that starts it, or why it
+    cannot start here); the fixture of that name takes it once, or has it started then."""
+
+    def __init__(self, starters: dict):
+        self.starters = starters
+        self.started: dict = {}
+
+    async def start(self, names) -> None:
+        for name in names:
+            if not isinstance(self.starters[name], str):
+                self.started[name] = await self.starters[name]()
+
+    async def take(self, name: str):
+        if isinstance(self.starters[name], str):
+            pytest.skip(self.starters[name])
+        if name not in self.started:
+            await self.start([name])
+        return self.started.pop(name)
+
+    @asynccontextmanager
+    async def own(self, name: str):
+        """The server `name` for one test, killed after it if it still runs (the test failed first)."""
+        server = await self.take(name)
+        try:
+            yield server
+        finally:
+            await self.discard(server)
+
+    @staticmethod
+    async def discard(server) -> None:
+        if hasattr(server, "proc"):                      # a raw process
+            if server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.wait()
+        elif server._server.returncode is None:          # a pytest-lsp client
+            server._server.kill()
+            await server.stop()
+
+    async def close(self) -> None:
+        """The servers nobody took: killed."""
+        for server in self.started.values():
+            await self.discard(server)
+        self.started.clear()
 
 
 async def clean_slate(client) -> None:

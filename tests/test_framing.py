@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import subprocess
 import time
 
 import pytest
 
 from star_server.framing import MAX_CONTENT_LENGTH, FrameReader, FramingError
-from lsp_harness import frame, read_message, server_command
+from lsp_harness import frame, read_message
 
 PARSE_ERROR, INVALID_REQUEST = -32700, -32600
 
@@ -100,35 +99,22 @@ def test_a_request_without_params_is_handled(raw_server):
     assert raw_server.reply("np", timeout=60)["error"]["code"] == -32601   # method not found, not invalid params
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(120)
-def test_over_tcp_the_same_reader_is_used(tiny_model_dir, tmp_path):  # noqa: F811
-    port = _free_port()
-    command = [c for c in server_command(tiny_model_dir, tmp_path / "adapters")] + ["--tcp", f"127.0.0.1:{port}"]
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "the TCP server did not start"
-                time.sleep(0.2)
-        with sock:
-            sock.sendall(b"Content-Length: 1000000000000\r\n\r\n" + frame(REQUEST))
-            replies = sock.makefile("rb")
-            got = [read_message(replies), read_message(replies)]
-        assert got[0]["error"]["code"] == PARSE_ERROR and got[0]["id"] is None
-        assert got[1]["id"] == "r" and "result" in got[1]
-    finally:
-        proc.kill()
-        proc.wait()
+def test_over_tcp_the_same_reader_is_used(tcp_server):
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            sock = socket.create_connection(("127.0.0.1", tcp_server.port), timeout=60)
+            break
+        except OSError:
+            assert tcp_server.proc.poll() is None and time.monotonic() < deadline, "the TCP server did not start"
+            time.sleep(0.2)
+    with sock:
+        sock.sendall(b"Content-Length: 1000000000000\r\n\r\n" + frame(REQUEST))
+        replies = sock.makefile("rb")
+        got = [read_message(replies), read_message(replies)]
+    assert got[0]["error"]["code"] == PARSE_ERROR and got[0]["id"] is None
+    assert got[1]["id"] == "r" and "result" in got[1]
 
 
 # -- the reader alone: any cut of the stream gives the same messages ------------------------------------------------

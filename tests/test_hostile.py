@@ -18,7 +18,7 @@ import torch
 from conftest import make_tiny
 from star_engine.adapters import AdapterError, PatchStack, load_adapter, save_adapter
 from star_engine.adapters.format import CONFIG_NAME, META_NAME, WEIGHTS_NAME
-from helpers import forked, kill_9, same_weights, snapshot
+from helpers import READ_ONLY, can_mount, forked, kill_9, mounted, same_weights, snapshot
 from test_adapters import CASES, fake_result, folder_listing, hand_patch, rewrite_weights
 
 HOSTILE_COUNTS: dict[str, int] = {}    # class of hostile input -> how many the tests send (see the report)
@@ -362,13 +362,12 @@ from lsp_harness import (  # noqa: E402
     command,
     end_of,
     fix_args,
+    initialize,
     inline,
     on_shared,
     open_doc,
     raw_request,
-    server_command,
-    start_client,
-    stop_client,
+    serving,
     wait_for,
 )
 
@@ -588,8 +587,9 @@ async def test_two_apply_fix_in_one_burst_the_second_is_refused(server):
 
 
 @pytest.mark.timeout(300)
-async def test_shutdown_during_a_repair_exits_cleanly(tiny_model_dir, tmp_path):
-    client = await start_client(server_command(tiny_model_dir, tmp_path / "adapters"))
+@on_shared
+async def test_shutdown_during_a_repair_exits_cleanly(shutdown_server):
+    client = await initialize(shutdown_server)
     uri = "file:///tmp/shutdown.py"
     open_doc(client, uri, FIX_PROMPT)
     repair = asyncio.ensure_future(command(client, "star.applyFix", fix_args(uri, end_of(FIX_PROMPT), "", FIX)))
@@ -600,12 +600,13 @@ async def test_shutdown_during_a_repair_exits_cleanly(tiny_model_dir, tmp_path):
     await asyncio.wait_for(client._server.wait(), 60)
     assert client._server.returncode == 0
     await asyncio.gather(repair, return_exceptions=True)
-    leftovers = [p.name for p in (tmp_path / "adapters").iterdir() if p.name.startswith(".tmp-")]
+    leftovers = [p.name for p in client.adapters.iterdir() if p.name.startswith(".tmp-")]
     assert leftovers == []
     await client.stop()
 
 
 # 3. Temporaries of a writer killed with SIGKILL are cleaned on the next open (only ones no live process owns).
+
 
 def _write_then_hang(mode: str, target: Path, tokenizer, ready) -> None:
     """Save an adapter (mode "save") or add one to the stack in `target` on the tiny Llama; once its first
@@ -675,22 +676,8 @@ def test_temporaries_in_a_stack_folder_are_cleaned_on_open(tokenizer, tmp_path):
 
 # A full disk or a read-only adapters folder: the repair fails with one line, and nothing is lost. A real
 # full disk (a tmpfs of 8 KiB) and a real read-only folder (a read-only bind mount) need a private mount
-# namespace (`unshare -rm`, as root or as a user allowed user namespaces); the persist-layer tests below
-# simulate the full disk by making the file writes raise ENOSPC, and run everywhere.
-
-FULL_DISK = 'mount -t tmpfs -o size=8k tmpfs "$0"'
-READ_ONLY = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0"'
-
-
-def _with_mount(mount: str, folder: Path, command: list[str]) -> list[str]:
-    """`command` in a private mount namespace where `folder` is mounted by the shell line `mount`."""
-    import shutil
-    import subprocess
-
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
-        pytest.skip("needs `unshare -rm` (user and mount namespaces) for a real full disk or read-only folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    return ["unshare", "-rm", "sh", "-c", f'{mount} && exec "$@"', str(folder), *command]
+# namespace (`unshare -rm`, as root or as a user allowed user namespaces: helpers.mounted); the
+# persist-layer tests below simulate the full disk by making the file writes raise ENOSPC, and run everywhere.
 
 
 def _enospc(path, data):
@@ -768,7 +755,9 @@ def test_a_read_only_folder_still_serves_its_patches_and_fails_the_repair_with_o
 
     listed, listing = [i.id for i in stack.list()], folder_listing(stack.path)
     child = [sys.executable, "-c", _READ_ONLY_CHILD, str(stack.path), str(tiny_tokenizer_dir)]
-    command = _with_mount(READ_ONLY, stack.path, child)
+    if not can_mount():
+        pytest.skip("needs `unshare -rm` (user and mount namespaces) for a real read-only folder")
+    command = mounted(READ_ONLY, stack.path, child)
     count("full disk / read-only folder")
     done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=100)
     out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -778,10 +767,9 @@ def test_a_read_only_folder_still_serves_its_patches_and_fails_the_repair_with_o
 
 
 @pytest.mark.timeout(300)
-async def test_apply_fix_on_a_full_disk_fails_with_one_line_and_the_model_is_unchanged(tiny_model_dir, tmp_path):
-    adapters = tmp_path / "adapters"
-    client = await start_client(_with_mount(FULL_DISK, adapters, server_command(tiny_model_dir, adapters)))
-    try:
+@on_shared
+async def test_apply_fix_on_a_full_disk_fails_with_one_line_and_the_model_is_unchanged(full_disk_server):
+    async with serving(full_disk_server) as client:
         uri = "file:///tmp/full-disk.py"
         open_doc(client, uri, FIX_PROMPT)
         before = (await inline(client, uri, end_of(FIX_PROMPT))).items
@@ -793,5 +781,3 @@ async def test_apply_fix_on_a_full_disk_fails_with_one_line_and_the_model_is_unc
         assert await command(client, "star.patches.list") == []
         assert (await inline(client, uri, end_of(FIX_PROMPT))).items == before
         assert await _status(client) in ("ready", "slow")
-    finally:
-        await stop_client(client)

@@ -24,7 +24,6 @@ from lsp_harness import (
     FIX,
     FIX_PROMPT,
     PLAIN_CAPS,
-    RawServer,
     apply_the_demo_fix,
     cleaned,
     command,
@@ -36,10 +35,7 @@ from lsp_harness import (
     open_doc,
     open_the_demo_case,
     raw_request,
-    server_command,
-    start_client,
-    stop_client,
-    tiny_server,
+    serving,
     wait_for,
 )
 
@@ -60,8 +56,8 @@ LONG = "print(add"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def plain_server(tiny_model_dir, tmp_path_factory):
-    async with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("plain-adapters"), capabilities=PLAIN_CAPS) as c:
+async def plain_server(ahead):
+    async with serving(await ahead.take("plain_server"), capabilities=PLAIN_CAPS) as c:
         yield c
 
 
@@ -297,9 +293,9 @@ async def test_cancel_request_stops_the_generation(server):
                       "multilineBudgetMs": None}))   # the defaults again
 
 
-async def test_settings_from_init_options_and_did_change_configuration(tiny_model_dir, tmp_path):
-    c = await start_client(server_command(tiny_model_dir, tmp_path / "a"), options={"maxLineTokens": 3})
-    try:
+@on_shared
+async def test_settings_from_init_options_and_did_change_configuration(settings_server):
+    async with serving(settings_server, options={"maxLineTokens": 3}) as c:
         uri = "file:///tmp/s.py"
         text = "print(add"
         open_doc(c, uri, text)
@@ -309,8 +305,6 @@ async def test_settings_from_init_options_and_did_change_configuration(tiny_mode
         await wait_for(lambda: any("maxTokens" in m.message for m in c.messages), 10, "settings warning")
         longer = await inline_text(c, uri, end_of(text))
         assert longer.startswith(short) and len(longer) > len(short)
-    finally:
-        await stop_client(c)
 
 
 @on_shared
@@ -370,10 +364,10 @@ async def test_hot_reload_of_the_adapters_folder(server, plain):
     assert [p["id"] for p in await command(b, "star.patches.list")] == [patch_id]
 
 
-def test_server_exits_when_the_client_vanishes(tiny_model_dir, tmp_path):
+def test_server_exits_when_the_client_vanishes(vanishing_server):
     """stdin closed in the middle of a generation: the process ends on its own, with the exit code of an
     exit without shutdown, and answers the completion still in flight as cancelled."""
-    server = RawServer(server_command(tiny_model_dir, tmp_path / "a"))
+    server = vanishing_server
     server.request(1, "initialize", {"capabilities": {}, "initializationOptions": {
         "maxTokens": 1000, "multiline": "always", "speculate": False}})      # a long generation (see above)
     server.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
@@ -385,11 +379,7 @@ def test_server_exits_when_the_client_vanishes(tiny_model_dir, tmp_path):
         "context": {"triggerKind": 1}}})
     time.sleep(0.2)              # LONG never ends: 1000 tokens take seconds (test_cancel_request_stops_the_generation)
     server.proc.stdin.close()
-    try:
-        assert server.proc.wait(timeout=60) == 1     # LSP: exit code 1 without a shutdown request
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
+    assert server.proc.wait(timeout=60) == 1     # LSP: exit code 1 without a shutdown request
     deadline = time.monotonic() + 10                  # the reader thread takes the last reply off the pipe
     while '2' not in server.replies and time.monotonic() < deadline:
         time.sleep(0.02)
