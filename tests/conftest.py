@@ -1,7 +1,7 @@
 """Shared fixtures: tiny random models built from configs with a tokenizer trained here (nothing to install or
-download), the real servers on the tiny Llama that the server tests use (all started as the session begins,
-since each start takes seconds; two of them shared by many tests), and the real default model (slow tests
-only)."""
+download), the real servers on the tiny Llama that the server tests use (each started ahead of the test that
+takes it, since a start takes seconds; two of them shared by many tests), and the real default model (slow
+tests only)."""
 
 from __future__ import annotations
 
@@ -121,10 +121,11 @@ def _starters(model_dir: Path, tmp_path_factory) -> dict:
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session", autouse=True)
 async def ahead(request, tiny_model_dir, tmp_path_factory):
-    """Every server that a selected test uses, started now (lsp_harness.Ahead)."""
-    wanted = {name for item in request.session.items for name in item.fixturenames}
-    servers = Ahead(_starters(tiny_model_dir, tmp_path_factory))
-    await servers.start([name for name in servers.starters if name in wanted])
+    """The servers that the selected tests use, each started ahead of the test that takes it (lsp_harness.Ahead)."""
+    starters = _starters(tiny_model_dir, tmp_path_factory)
+    queue = [name for item in request.session.items for name in item.fixturenames if name in starters]
+    servers = Ahead(starters, list(dict.fromkeys(queue)))
+    await servers.fill()
     yield servers
     await servers.close()
 

@@ -100,25 +100,30 @@ async def tiny_server(model_dir: Path, adapters: Path, *extra: str, **options):
 
 class Ahead:
     """Servers started before the tests that use them: a start is seconds of imports (torch, transformers,
-    pygls), which then pass while other tests run. conftest's `ahead` starts, as the session begins, each
-    server that a selected test uses (`starters`: fixture name -> async function that starts it, or why it
-    cannot start here); the fixture of that name takes it once, or has it started then."""
+    pygls), which then pass while other tests run. `starters` maps a fixture name to the async function that
+    starts that server (or to why it cannot start here); `queue` is the order the selected tests take them in.
+    At most `depth` wait started at a time, so that they boot while the tests before theirs run without
+    crowding the cores; the fixture of that name takes its server once, and the next one in the queue starts."""
 
-    def __init__(self, starters: dict):
-        self.starters = starters
+    def __init__(self, starters: dict, queue: list[str], depth: int = 2):
+        self.starters, self.queue, self.depth = starters, [n for n in queue if not isinstance(starters[n], str)], depth
         self.started: dict = {}
 
-    async def start(self, names) -> None:
-        for name in names:
-            if not isinstance(self.starters[name], str):
-                self.started[name] = await self.starters[name]()
+    async def fill(self) -> None:
+        while self.queue and len(self.started) < self.depth:
+            name = self.queue.pop(0)
+            self.started[name] = await self.starters[name]()
 
     async def take(self, name: str):
         if isinstance(self.starters[name], str):
             pytest.skip(self.starters[name])
         if name not in self.started:
-            await self.start([name])
-        return self.started.pop(name)
+            if name in self.queue:
+                self.queue.remove(name)
+            self.started[name] = await self.starters[name]()
+        server = self.started.pop(name)
+        await self.fill()
+        return server
 
     @asynccontextmanager
     async def own(self, name: str):
