@@ -127,7 +127,7 @@ def main() -> None:
     for threads in (1, 2):
         bw = bandwidth(threads)
         torch.set_num_threads(threads)
-        dec = decode_timings(lm.model, list(window), args.steps, (1, 2, 4, 8))
+        dec = decode_timings(lm.model, list(window), args.steps, (1, 2, 3, 4, 8))
         floor_ms = need["total"] / (max(bw["copy_gb_s"], bw["read_gb_s"]) * 1e9) * 1000
         row = {**bw, **dec, "floor_ms": floor_ms, "ratio": dec["decode_ms_p50"] / floor_ms}
         report["threads"].append(row)
