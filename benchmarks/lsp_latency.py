@@ -19,7 +19,7 @@ comparison in the same run and on the prefixes of the single-line requests at pa
 without the server: a plain `star_engine.generate.complete()` call, and the server's own prompt +
 decoding pipeline without KV reuse or cache.
 
-    .venv/bin/python benchmarks/lsp_latency.py [--model M] [--chars 1200] [--json out.json]
+    .venv/bin/python benchmarks/lsp_latency.py [--model M[,M2]] [--compare] [--chars 1200] [--json out.json]
 
 This is a benchmark, not a test: numbers depend on the machine and its load (printed with them).
 """
@@ -193,11 +193,11 @@ class Typist:
             self.shown = rec["text"]
 
 
-async def run_server_trace(args, options: dict) -> dict:
+async def run_server_trace(args, model: str | None, options: dict) -> dict:
     command = [sys.executable, "-m", "star_server", "--adapters", args.adapters]
     command += ["--log-level", "debug", "--log-file", args.server_log] if args.server_log else ["--log-level", "warning"]
-    if args.model:
-        command += ["--model", args.model]
+    if model:
+        command += ["--model", model]
     client = LanguageClient("star-bench", "1.0")
     statuses = []
     client.feature("star/status")(lambda ls, params: statuses.append(params))
@@ -358,7 +358,9 @@ def report(name: str, summary: dict) -> None:
 def main(argv=None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as the server does (before torch loads)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="model spec for the server (default: the embedded default model)")
+    parser.add_argument("--model", default="",
+                        help="model spec for the server (default: the embedded default model); several, "
+                             "comma-separated, are typed one after the other in the same run")
     parser.add_argument("--chars", type=int, default=0, help="type only the first N characters of the trace")
     parser.add_argument("--gap-ms", type=float, default=100.0, help="mean gap between keystrokes")
     parser.add_argument("--seed", type=int, default=0)
@@ -371,33 +373,39 @@ def main(argv=None) -> int:
     parser.add_argument("--server-log", help="the server's debug log (per-completion timings) goes here")
     args = parser.parse_args(argv)
 
-    runs = {"default": {}}
-    if args.compare:
-        runs["no drafts, no multi-line budget"] = {"speculate": False, "multilineBudgetMs": 0}
+    runs = []
+    for model in args.model.split(",") if args.model else [None]:
+        runs.append((model or "default model", model, {}))
+        if args.compare:
+            runs.append((f"{model or 'default model'}, no drafts, no multi-line budget", model,
+                         {"speculate": False, "multilineBudgetMs": 0}))
     summaries = {}
-    for name, options in runs.items():
+    for name, model, options in runs:
         load_before = os.getloadavg()[0]
         with tempfile.TemporaryDirectory(prefix="star-bench-") as adapters:
             args.adapters = adapters
-            result = asyncio.run(run_server_trace(args, options))
+            result = asyncio.run(run_server_trace(args, model, options))
         visible = [r["prefix"] for r in result["records"]
                    if r["visible"] and not r["cancelled"] and not r["multiline"]]
         baseline = None
-        if args.baseline and visible and name == "default":
+        if args.baseline and visible and not options:
             step = max(1, len(visible) // args.baseline)
-            baseline = baselines(args.model, visible[::step][: args.baseline])
+            baseline = baselines(model, visible[::step][: args.baseline])
         summary = summaries[name] = summarize(result, baseline)
         summary["loadavg_1min_before"] = load_before
         summary["records"] = [{k: v for k, v in r.items() if k not in ("task", "prefix")} for r in result["records"]]
         report(name, summary)
-    if args.compare:
+    if len(summaries) > 1:
         print("\nsame trace, same run:")
-        print(f"{'':34} " + "  ".join(f"{name[:30]:>30}" for name in summaries))
+        for i, name in enumerate(summaries):
+            print(f"  [{i + 1}] {name}")
+        print(f"{'':34} " + "  ".join(f"{'[' + str(i + 1) + ']':>20}" for i in range(len(summaries))))
         for group in ("single-line, at pauses", "multi-line, at pauses"):
             cells = [summaries[n]["latency"][group] for n in summaries]
             print(f"{group + ' p50/p95 ms':34} " + "  ".join(
-                f"{fmt(c['p50_ms']).strip() + ' / ' + fmt(c['p95_ms']).strip():>30}" for c in cells))
-        print(f"{'accepted completions':34} " + "  ".join(f"{summaries[n]['accepted']:>30}" for n in summaries))
+                f"{fmt(c['p50_ms']).strip() + ' / ' + fmt(c['p95_ms']).strip():>20}" for c in cells))
+        for label, key in (("completions shown", "shown"), ("accepted", "accepted"), ("server RSS MiB", "rss_mib")):
+            print(f"{label:34} " + "  ".join(f"{summaries[n][key]:>20}" for n in summaries))
     if args.json:
         Path(args.json).write_text(json.dumps(summaries, indent=1))
     return 0
