@@ -6,6 +6,7 @@ user's cache dir, so later loads take about a second instead of twenty.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import os
@@ -226,8 +227,6 @@ def workbench_copy(lm: LoadedModel, tokenizer=None) -> LoadedModel:
     weights (the only tensors a repair, an adapter or the patch stack ever writes), every other parameter
     and buffer shared with `lm`. Costs the output projections (a fifth of SmolLM2, a sixth of
     Qwen2.5-Coder-0.5B), not a whole second model."""
-    import copy
-
     own = {id(lm.arch.weight(layer)) for layer in range(lm.arch.n_layers)}
     shared = {id(t): t for t in [*lm.model.parameters(), *lm.model.buffers()] if id(t) not in own}
     model = copy.deepcopy(lm.model, memo=dict(shared))
