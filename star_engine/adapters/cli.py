@@ -189,10 +189,7 @@ def cmd_enable(args) -> int:
 
 
 def cmd_disable(args) -> int:
-    folder = _folder(args)
-    manifest = folder.set_enabled(args.id, False)
-    adapter_id = folder.resolve(args.id, manifest.order)
-    print(f"disabled {_safe(adapter_id)}")
+    print(f"disabled {_safe(_folder(args).set_enabled(args.id, False))}")
     return 0
 
 

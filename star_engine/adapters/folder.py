@@ -29,7 +29,7 @@ import platformdirs
 from filelock import FileLock
 
 from .atomic import atomic_write_file, atomic_write_with, clean_dead_temps
-from .format import ADAPTER_FILES, MAX_BYTES, META_NAME, WEIGHTS_NAME, valid_name
+from .format import ADAPTER_FILES, MAX_BYTES, META_NAME, WEIGHTS_NAME, read_weights, valid_name
 from .sidecar import read_sidecar_or_none
 from .untrusted import MAX_JSON_BYTES, AdapterError, is_pickle, read_regular_file
 
@@ -85,21 +85,7 @@ class PatchInfo:
     messages: list[str] = field(default_factory=list)   # e.g. regressions accepted with keep_going
 
     def to_json(self) -> dict:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "enabled": self.enabled,
-            "applied": self.applied,
-            "method": self.method,
-            "created": self.created,
-            "cases": [c.to_dict() for c in self.cases],
-            "layers": self.layers,
-            "neurons": self.neurons,
-            "size_bytes": self.size_bytes,
-            "path": str(self.path),
-            "problem": self.problem,
-            "messages": self.messages,
-        }
+        return dict(self.__dict__, cases=[c.to_dict() for c in self.cases], path=str(self.path))
 
 
 def dir_signature(directory: Path) -> tuple:
@@ -137,27 +123,19 @@ class AdapterFolder:
             return
         self.read_only = os.strerror(err)
         if write:
-            raise self.read_only_error()
+            raise ReadOnlyFolderError(
+                f"the adapters folder {self.path} is read-only ({self.read_only}): its patches are applied, "
+                "but none can be added, removed, enabled, disabled or imported"
+            )
         yield
-
-    def read_only_error(self) -> ReadOnlyFolderError:
-        return ReadOnlyFolderError(
-            f"the adapters folder {self.path} is read-only ({self.read_only}): its patches are applied, "
-            "but none can be added, removed, enabled, disabled or imported"
-        )
 
     def _acquire(self) -> int | None:
         """Take the lock (creating the folder if needed); the errno when the folder cannot be written."""
+        lock = self.path / ".lock"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            if e.errno in _READ_ONLY_ERRNOS:
-                return e.errno
-            raise
-        lock = self.path / ".lock"
-        if not os.access(lock if os.path.lexists(lock) else self.path, os.W_OK):
-            return errno.EROFS if _on_read_only_mount(self.path) else errno.EACCES
-        try:
+            if not os.access(lock if os.path.lexists(lock) else self.path, os.W_OK):
+                return errno.EROFS if _on_read_only_mount(self.path) else errno.EACCES
             self._lock.acquire()
         except OSError as e:
             if e.errno in _READ_ONLY_ERRNOS:
@@ -190,11 +168,7 @@ class AdapterFolder:
             enabled = {str(k): bool(v) for k, v in (data.get("enabled") or {}).items()}
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return Manifest(), [f"{MANIFEST} is unreadable; rebuilt from the folder"]
-        seen, dedup = set(), []
-        for i in order:
-            if i not in seen:
-                seen.add(i)
-                dedup.append(i)
+        dedup = list(dict.fromkeys(order))
         return Manifest(dedup, {i: enabled.get(i, True) for i in dedup}), []
 
     def state(self) -> tuple[Manifest, list[str], list[str]]:
@@ -241,20 +215,9 @@ class AdapterFolder:
         if sidecar is None:
             return PatchInfo(adapter_id, adapter_id, enabled, applied, "?", "", [], [], 0, size, directory,
                              problem or f"no readable {META_NAME}")
-        return PatchInfo(
-            id=adapter_id,
-            name=sidecar.name or adapter_id,
-            enabled=enabled,
-            applied=applied,
-            method=sidecar.method or "?",
-            created=sidecar.created or "",
-            cases=sidecar.repair_cases,
-            layers=sidecar.layers or [],
-            neurons=sidecar.n_neurons or 0,
-            size_bytes=size,
-            path=directory,
-            problem=problem,
-        )
+        return PatchInfo(adapter_id, sidecar.name or adapter_id, enabled, applied, sidecar.method or "?",
+                         sidecar.created or "", sidecar.repair_cases, sidecar.layers or [], sidecar.n_neurons or 0,
+                         size, directory, problem)
 
     def list(self) -> list[PatchInfo]:
         manifest, _, _ = self.state()
@@ -262,13 +225,14 @@ class AdapterFolder:
 
     # -- writing --------------------------------------------------------------------------------------------
 
-    def set_enabled(self, adapter_id: str, enabled: bool) -> Manifest:
+    def set_enabled(self, adapter_id: str, enabled: bool) -> str:
+        """Enable or disable an adapter in the manifest. Returns the id."""
         with self.locked(write=True):
             manifest, _, _ = self.state()
             adapter_id = self.resolve(adapter_id, manifest.order)
             manifest.enabled[adapter_id] = enabled
             self.write_manifest(manifest)
-            return manifest
+            return adapter_id
 
     def delete_dir(self, adapter_id: str) -> None:
         """Remove an adapter directory atomically: rename it to a dot-name first, then delete that."""
@@ -294,10 +258,8 @@ class AdapterFolder:
 
     def clean_stale(self) -> None:
         """Delete temporaries left by writers that died. Under the folder lock, so no writer of this folder
-        is at work: `.tmp-<pid>-*` adapter directories whose process is gone, and the temporaries only
-        ever made under the lock (`.tmp-import-*`, `.trash-*`, the manifest's temp file) go at once; any
-        other `.tmp-*` (an older star, a live pid) once older than an hour. Nothing to do (nothing can be
-        deleted) in a folder that cannot be written."""
+        is at work: those of a dead pid or only ever made under the lock go at once, any other `.tmp-*` (an
+        older star, a live pid) once older than an hour."""
         with self.locked():
             if self.read_only:
                 return
@@ -357,10 +319,10 @@ def _on_read_only_mount(path: Path) -> bool:
         return False
 
 
-def unpack_archive(archive: Path, into: Path, *, max_bytes: int = MAX_BYTES) -> tuple[Path, str]:
+def unpack_archive(archive: Path, into: Path, *, max_bytes: int = MAX_BYTES) -> str:
     """Check a `.star.zip` and extract it into the (empty) directory `into`. Every member is checked before
     anything is written: known file names only, one adapter directory at most, no absolute or `..`
-    paths, no links, sizes within the limit. Returns (adapter dir, suggested id)."""
+    paths, no links, sizes within the limit. Returns the id its name suggests."""
     if not zipfile.is_zipfile(archive):
         raise AdapterError(f"{archive.name} is not a zip archive (expected a {ARCHIVE_SUFFIX} file)")
     try:
@@ -400,16 +362,10 @@ def unpack_archive(archive: Path, into: Path, *, max_bytes: int = MAX_BYTES) -> 
             raise AdapterError(f"{archive.name} is not a STAR adapter (missing {', '.join(missing)})")
         top = tops.pop()
         for name in ADAPTER_FILES:
-            m = chosen[name]
-            limit = m.file_size
-            written = 0
             try:
-                with z.open(m) as src, open(into / name, "wb") as dst:
-                    while chunk := src.read(1 << 20):
-                        written += len(chunk)
-                        if written > limit:
-                            raise AdapterError(f"{archive.name}: {name} is larger than declared")
-                        dst.write(chunk)
+                # zipfile yields at most the declared size (checked against the total above), then checks the CRC
+                with z.open(chosen[name]) as src, open(into / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
                     dst.flush()
                     os.fsync(dst.fileno())
             except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
@@ -417,7 +373,7 @@ def unpack_archive(archive: Path, into: Path, *, max_bytes: int = MAX_BYTES) -> 
     suggested = top[: -len(".star")] if top.endswith(".star") else top
     if not suggested or not valid_name(suggested):
         suggested = archive.name[: -len(ARCHIVE_SUFFIX)] if archive.name.endswith(ARCHIVE_SUFFIX) else archive.stem
-    return into, suggested
+    return suggested
 
 
 def copy_adapter_dir(src: Path, into: Path, *, max_bytes: int = MAX_BYTES) -> None:
@@ -432,6 +388,6 @@ def copy_adapter_dir(src: Path, into: Path, *, max_bytes: int = MAX_BYTES) -> No
             if name == WEIGHTS_NAME:
                 raise AdapterError(f"no {WEIGHTS_NAME} in {src.name}")
             raise AdapterError(f"{name} is missing in {src.name}")
-        data = read_regular_file(p, max_bytes if name == WEIGHTS_NAME else MAX_JSON_BYTES, name)
+        data = read_weights(p, max_bytes) if name == WEIGHTS_NAME else read_regular_file(p, MAX_JSON_BYTES, name)
         with open(into / name, "wb") as f:
             f.write(data)

@@ -33,6 +33,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..model import LoadedModel
+from ..text import excerpt
 from ..patch import LayerDelta, Patch, SavedColumns
 from .atomic import atomic_write_dir, clean_dead_temps
 from .sidecar import FORMAT, FORMAT_VERSION, META_NAME, Sidecar, read_sidecar, sidecar_from_dict
@@ -130,9 +131,8 @@ def encode_patch(lm: LoadedModel, patch: Patch) -> tuple[dict[str, torch.Tensor]
 
 def peft_config(lm: LoadedModel, ranks: dict[int, int]) -> dict:
     """A minimal adapter_config.json that old and new PEFT versions load, with scale alpha / r = 1."""
-    modules = [lm.arch.out_proj_name(l) for l in sorted(ranks)]
     per_module = {lm.arch.out_proj_name(l): r for l, r in sorted(ranks.items())}
-    first = per_module[modules[0]]
+    first = ranks[min(ranks)]
     path = Path(lm.path)
     return {
         "peft_type": "LORA",
@@ -142,7 +142,7 @@ def peft_config(lm: LoadedModel, ranks: dict[int, int]) -> dict:
         "lora_alpha": first,
         "rank_pattern": per_module,
         "alpha_pattern": dict(per_module),
-        "target_modules": modules,
+        "target_modules": list(per_module),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": bool(lm.arch.spec.conv1d),
@@ -152,10 +152,6 @@ def peft_config(lm: LoadedModel, ranks: dict[int, int]) -> dict:
         "inference_mode": True,
         "modules_to_save": None,
     }
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _slug(text: str, n: int = 24) -> str:
@@ -194,7 +190,7 @@ def encode_result(lm: LoadedModel, result, *, name: str | None = None, base_dige
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "name": name or (cases[0]["fix"] if cases else "").strip().split("\n")[0][:80],
-        "created": _now(),
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "base_model": {
             "name": lm.name,
             **architecture(lm),
@@ -315,8 +311,7 @@ def _names(config: dict, key: str, verb: str = "is") -> list[str] | None:
     if value is None or value == [] or value == "":
         return None
     if isinstance(value, str):
-        shown = value if len(value) <= 40 else value[:39] + "…"
-        raise AdapterError(f"adapter_config.json: {key} {verb} a pattern ({shown!r}); only a list of module names is accepted")
+        raise AdapterError(f"adapter_config.json: {key} {verb} a pattern ({excerpt(value)!r}); only a list of module names is accepted")
     if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
         raise AdapterError(f"adapter_config.json: {key} must be a list of module names")
     if len(value) > MAX_TARGET_MODULES:
@@ -358,29 +353,30 @@ def _exact_pattern(config: dict, name: str, modules: set[str]) -> dict:
         raise AdapterError(f"adapter_config.json: {name} must be an object {{module path: value}}")
     for key in pattern:
         if key not in modules:
-            shown = key if len(key) <= 60 else key[:59] + "…"
             raise AdapterError(
-                f"adapter_config.json: {name} key {shown!r} is not a module path of this model "
+                f"adapter_config.json: {name} key {excerpt(key, 60)!r} is not a module path of this model "
                 "(keys are module paths, never patterns)"
             )
     return pattern
 
 
+_REFUSED_CONFIG = {     # a config key a STAR adapter never sets -> why
+    **dict.fromkeys(("use_dora", "use_rslora", "lora_bias", "use_qalora", "use_bdlora"), "a STAR adapter is a plain LoRA"),
+    "modules_to_save": "a STAR adapter only adds column deltas",
+    "layer_replication": "it is not supported",
+    **dict.fromkeys(("layers_pattern", "target_parameters", "trainable_token_indices"),
+                    "a STAR adapter names its modules in target_modules only"),
+}
+
+
 def check_config(config: dict) -> None:
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"adapter_config.json: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
-    for flag in ("use_dora", "use_rslora", "lora_bias", "use_qalora", "use_bdlora"):
-        if config.get(flag):
-            raise AdapterError(f"adapter_config.json: {flag} is set; a STAR adapter is a plain LoRA")
     if config.get("bias", "none") != "none":
         raise AdapterError("adapter_config.json: bias must be 'none'")
-    if config.get("modules_to_save"):
-        raise AdapterError("adapter_config.json: modules_to_save is set; a STAR adapter only adds column deltas")
-    if config.get("layer_replication"):
-        raise AdapterError("adapter_config.json: layer_replication is not supported")
-    for key in ("layers_pattern", "target_parameters", "trainable_token_indices"):
+    for key, why in _REFUSED_CONFIG.items():
         if config.get(key):
-            raise AdapterError(f"adapter_config.json: {key} is set; a STAR adapter names its modules in target_modules only")
+            raise AdapterError(f"adapter_config.json: {key} is set; {why}")
 
 
 # -- what an adapter may do to the model ---------------------------------------------------------------------
@@ -518,7 +514,7 @@ def load_adapter(
     check_base_model(sidecar, lm)
     config = read_json_object(directory / CONFIG_NAME, CONFIG_NAME)
     check_config(config)
-    data = _read_weights(directory / WEIGHTS_NAME, max_bytes)
+    data = read_weights(directory / WEIGHTS_NAME, max_bytes)
     shapes = tensor_shapes(directory / WEIGHTS_NAME)
     sha = hashlib.sha256(data).hexdigest()
     if sidecar.adapter_sha256 is not None and sidecar.adapter_sha256 != sha:
@@ -547,7 +543,7 @@ def _check_files(directory: Path) -> None:
         raise AdapterError(f"no {WEIGHTS_NAME} in {directory.name}")
 
 
-def _read_weights(path: Path, max_bytes: int) -> bytes:
+def read_weights(path: Path, max_bytes: int) -> bytes:
     try:
         size = path.lstat().st_size
     except OSError as e:
@@ -561,10 +557,7 @@ def _ranks(lm: LoadedModel, shapes: dict[str, tuple[str, tuple[int, ...]]]) -> d
     """{layer: r} of the LoRA factors, every tensor a factor of an FFN output projection that fits it."""
     arch = lm.arch
     d, d_ff = arch.d_model, arch.d_ff
-    by_key = {}
-    for layer in range(arch.n_layers):
-        key_a, key_b = _keys(lm, layer)
-        by_key[key_a], by_key[key_b] = (layer, "A"), (layer, "B")
+    by_key = {key: (layer, which) for layer in range(arch.n_layers) for key, which in zip(_keys(lm, layer), "AB")}
     found: dict[int, dict[str, tuple[int, ...]]] = {}
     for key, (dtype, shape) in shapes.items():
         if dtype not in DTYPES:
@@ -577,9 +570,8 @@ def _ranks(lm: LoadedModel, shapes: dict[str, tuple[str, tuple[int, ...]]]) -> d
         raise AdapterError(f"{WEIGHTS_NAME} holds no tensors")
     ranks = {}
     for layer, parts in sorted(found.items()):
-        if set(parts) != {"A", "B"}:
-            missing = ({"A", "B"} - set(parts)).pop()
-            raise AdapterError(f"layer {layer}: lora_{missing} is missing")
+        if len(parts) < 2:
+            raise AdapterError(f"layer {layer}: lora_{'B' if 'A' in parts else 'A'} is missing")
         if len(parts["A"]) != 2 or len(parts["B"]) != 2:
             raise AdapterError(f"layer {layer}: LoRA factors must be matrices")
         (ra, ca), (rb_d, rb_r) = parts["A"], parts["B"]

@@ -38,7 +38,6 @@ from ..text import excerpt
 from .folder import AdapterFolder, Manifest, PatchInfo, copy_adapter_dir, dir_signature, unpack_archive
 from .format import (
     MAX_BYTES,
-    WEIGHTS_NAME,
     Adapter,
     AdapterError,
     encode_result,
@@ -385,16 +384,13 @@ class PatchStack:
             manifest = self._manifest.copy()
             manifest.enabled[adapter_id] = enabled
             broken = []
-            if enabled and adapter_id not in self._applied:
+            if not enabled:
+                self._drop(adapter_id)
+            elif adapter_id not in self._applied:
                 self._load(adapter_id)
                 self._problems.pop(adapter_id, None)
                 new_ids = [i for i in manifest.order if i in self._applied or i == adapter_id]
                 broken = self._try_apply(new_ids, keep_going=keep_going)
-            elif not enabled and adapter_id in self._applied:
-                self._apply_state([i for i in self._applied if i != adapter_id])
-            if not enabled:
-                self._adapters.pop(adapter_id, None)
-                self._problems.pop(adapter_id, None)
             self.folder.write_manifest(manifest)
             self._manifest = manifest
             return self._info(adapter_id, broken)
@@ -404,10 +400,7 @@ class PatchStack:
         with self._synced():
             adapter_id = self.folder.resolve(adapter_id, self._manifest.order)
             info = self._info(adapter_id)
-            if adapter_id in self._applied:
-                self._apply_state([i for i in self._applied if i != adapter_id])
-            self._adapters.pop(adapter_id, None)
-            self._problems.pop(adapter_id, None)
+            self._drop(adapter_id)
             manifest = self._manifest.copy()
             manifest.order.remove(adapter_id)
             manifest.enabled.pop(adapter_id, None)
@@ -416,6 +409,13 @@ class PatchStack:
             self._manifest = manifest
             info.applied = False
             return info
+
+    def _drop(self, adapter_id: str) -> None:
+        """Undo a patch exactly (if applied) and forget what was read or found about it."""
+        if adapter_id in self._applied:
+            self._apply_state([i for i in self._applied if i != adapter_id])
+        self._adapters.pop(adapter_id, None)
+        self._problems.pop(adapter_id, None)
 
     def undo_last(self) -> PatchInfo | None:
         """Remove the most recent applied patch (exact restore, directory deleted); None if none."""
@@ -451,11 +451,8 @@ class PatchStack:
     def _stage(self, src: Path, staging: Path) -> str:
         """The adapter's files copied or unpacked into `staging`; returns the id its name suggests."""
         if not src.is_dir():
-            return unpack_archive(src, staging, max_bytes=self.max_bytes)[1]
-        weights = src / WEIGHTS_NAME
-        if weights.is_file() and weights.stat().st_size > self.max_bytes:
-            raise AdapterError(f"{WEIGHTS_NAME} is {weights.stat().st_size / 2**20:.0f} MB, over the limit")
-        copy_adapter_dir(src, staging)
+            return unpack_archive(src, staging, max_bytes=self.max_bytes)
+        copy_adapter_dir(src, staging, max_bytes=self.max_bytes)
         return src.name
 
     def _import_id(self, suggested: str, sha: str) -> str:
@@ -496,8 +493,7 @@ class PatchStack:
                     self.folder.delete_dir(adapter_id)
                 except OSError:
                     shutil.rmtree(self.path / adapter_id, ignore_errors=True)
-            self._adapters.pop(adapter_id, None)
-            self._apply_state([i for i in self._applied if i != adapter_id])
+            self._drop(adapter_id)
             raise
         return self._info(adapter_id, broken)
 
@@ -535,10 +531,7 @@ class PatchStack:
         """Re-check every stored case (of enabled and disabled patches) against the current model."""
         with self.lock:
             self._ensure_loaded()
-            rows = []
-            for i in self._manifest.order:
-                rows += self._check([i], enabled=self._manifest.enabled.get(i, True))
-            return rows
+            return [r for i in self._manifest.order for r in self._check([i], enabled=self._manifest.enabled.get(i, True))]
 
     def watch(self, on_change, *, debounce: float = 0.3):
         """Hot reload: watch the folder with watchdog and apply what appears / disappears. Returns a

@@ -27,34 +27,29 @@ def read_regular_file(path: Path, limit: int, what: str) -> bytes:
     never reads more than `limit` + 1 bytes, even from a file that grows while it is read."""
     try:
         st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            raise AdapterError(f"{what} is a symbolic link (only regular files are read)")
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterError(f"{what} is not a regular file")
+        if st.st_size > limit:
+            raise AdapterError(f"{what} is too large ({st.st_size} bytes, at most {limit})")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):        # replaced between lstat and open
+                raise AdapterError(f"{what} is not a regular file")
+            chunks, size = [], 0
+            while size <= limit:
+                chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         raise AdapterError(f"{what} is missing") from None
     except OSError as e:
         raise AdapterError(f"cannot read {what}: {e.strerror}") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise AdapterError(f"{what} is a symbolic link (only regular files are read)")
-    if not stat.S_ISREG(st.st_mode):
-        raise AdapterError(f"{what} is not a regular file")
-    if st.st_size > limit:
-        raise AdapterError(f"{what} is too large ({st.st_size} bytes, at most {limit})")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise AdapterError(f"cannot read {what}: {e.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):        # replaced between lstat and open
-            raise AdapterError(f"{what} is not a regular file")
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as e:
-        raise AdapterError(f"cannot read {what}: {e.strerror}") from None
-    finally:
-        os.close(fd)
     if size > limit:
         raise AdapterError(f"{what} is too large (over {limit} bytes)")
     return b"".join(chunks)
