@@ -8,6 +8,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Collection
+from contextlib import suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,16 +18,12 @@ _OWNED_TMP = re.compile(r"^\.tmp-(\d+)-")     # a temp directory named after its
 
 def fsync_dir(path: Path) -> None:
     """Make a rename in `path` durable (best effort: some file systems refuse to open a directory)."""
-    try:
+    with suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_file(path: Path, data: bytes) -> None:

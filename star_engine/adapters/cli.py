@@ -20,13 +20,8 @@ from ..text import excerpt
 
 def _common(parser, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
-    parser.add_argument(
-        "--dir",
-        dest="adapters_dir",
-        default=default,
-        metavar="DIR",
-        help="adapters folder (default: $STAR_ADAPTERS_DIR or the user data dir, e.g. ~/.local/share/star/adapters)",
-    )
+    parser.add_argument("--dir", dest="adapters_dir", default=default, metavar="DIR", help=(
+        "adapters folder (default: $STAR_ADAPTERS_DIR or the user data dir, e.g. ~/.local/share/star/adapters)"))
     parser.add_argument("--model", default=default, help=f"model the stack belongs to (default: {DEFAULT_MODEL})")
 
 
@@ -41,7 +36,6 @@ def register(sub) -> None:
         for a in args:
             a(c)
         c.set_defaults(func=func)
-        return c
 
     ident = lambda c: c.add_argument("id", metavar="ID", help="adapter id (or a unique prefix)")
     keep = lambda c: c.add_argument(

@@ -111,8 +111,6 @@ class AdapterFolder:
 
     @contextmanager
     def locked(self, *, write: bool = False):
-        """The folder lock; on a folder that cannot be written, readers go on without it (nobody can
-        change it from here) and writers get ReadOnlyFolderError."""
         err = self._acquire()
         if err is None:
             self.read_only = None
@@ -164,12 +162,11 @@ class AdapterFolder:
             return Manifest(), [f"{e}; rebuilt from the folder"]
         try:
             data = json.loads(raw)
-            order = [str(i) for i in data["order"]]
+            order = list(dict.fromkeys(str(i) for i in data["order"]))
             enabled = {str(k): bool(v) for k, v in (data.get("enabled") or {}).items()}
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return Manifest(), [f"{MANIFEST} is unreadable; rebuilt from the folder"]
-        dedup = list(dict.fromkeys(order))
-        return Manifest(dedup, {i: enabled.get(i, True) for i in dedup}), []
+        return Manifest(order, {i: enabled.get(i, True) for i in order}), []
 
     def state(self) -> tuple[Manifest, list[str], list[str]]:
         """The manifest reconciled with the directories present: (manifest, new ids, messages). New
@@ -181,8 +178,7 @@ class AdapterFolder:
         order = [i for i in stored.order if i in present]
         new = sorted(present - set(order), key=lambda i: (self._created(i), i))
         order += new
-        enabled = {i: stored.enabled.get(i, True) for i in order}
-        return Manifest(order, enabled), new, messages
+        return Manifest(order, {i: stored.enabled.get(i, True) for i in order}), new, messages
 
     def _created(self, adapter_id: str) -> str:
         sidecar = read_sidecar_or_none(self.path / adapter_id)

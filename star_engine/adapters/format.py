@@ -488,25 +488,15 @@ def check_base_model(sidecar: Sidecar, lm: LoadedModel) -> None:
 # -- loading: the steps ------------------------------------------------------------------------------------
 
 
-def load_adapter(
-    lm: LoadedModel,
-    directory,
-    *,
-    base_digest=None,
-    max_bytes: int = MAX_BYTES,
-    adapter_id: str | None = None,
-    base_columns=None,
-    probe: bool = True,
-) -> Adapter:
-    """Validate an adapter directory against this model and read it. Nothing is applied; the model is only
-    read (to fingerprint the base weights, bound the deltas and run the probe). Raises AdapterError with a
-    one-line reason.
+def load_adapter(lm: LoadedModel, directory, *, base_digest=None, max_bytes: int = MAX_BYTES,
+                 adapter_id: str | None = None, base_columns=None, probe: bool = True) -> Adapter:
+    """Validate an adapter directory against this model and read it; AdapterError with a one-line reason.
+    Nothing is applied: the model is only read (to fingerprint the base weights, bound the deltas and, with
+    `probe`, run `check_probe` with the patch on top of the model as it is now).
 
-    `base_digest(layer)` gives the sha256 of the *base* weights of a layer (PatchStack passes its own,
-    since its model has patches applied); by default the model's current weights. `base_columns(layer)`
-    gives the (d, d_ff) weight the delta bound is measured against; by default the model's current weights
-    (the base plus whatever patches are applied). `probe`: run `check_probe` with the patch on top of the
-    model as it is now."""
+    `base_digest(layer)`: the sha256 of a layer's *base* weights (PatchStack passes its own: its model has
+    patches applied); `base_columns(layer)`: the (d, d_ff) weight the delta bound is measured against. Both
+    default to the model's current weights (the base plus whatever patches are applied)."""
     directory = Path(directory)
     _check_files(directory)
     sidecar = read_sidecar(directory)
@@ -536,9 +526,8 @@ def _check_files(directory: Path) -> None:
         names = sorted(p.name for p in directory.iterdir() if p.is_file() or p.is_symlink())
     except OSError as e:
         raise AdapterError(f"cannot read {directory}: {e.strerror}") from None
-    pickles = [n for n in names if is_pickle(n)]
-    if pickles:
-        raise AdapterError(f"{pickles[0]} is a pickle file: only safetensors adapters are accepted (never pickle)")
+    if pickle := next((n for n in names if is_pickle(n)), None):
+        raise AdapterError(f"{pickle} is a pickle file: only safetensors adapters are accepted (never pickle)")
     if WEIGHTS_NAME not in names:
         raise AdapterError(f"no {WEIGHTS_NAME} in {directory.name}")
 

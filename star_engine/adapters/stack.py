@@ -175,9 +175,8 @@ class PatchStack:
 
     def _load(self, adapter_id: str) -> Adapter:
         if adapter_id not in self._adapters:
-            self._adapters[adapter_id] = load_adapter(
-                self.lm, self.path / adapter_id, base_digest=self.base_digest, max_bytes=self.max_bytes
-            )
+            self._adapters[adapter_id] = load_adapter(self.lm, self.path / adapter_id, base_digest=self.base_digest,
+                                                      max_bytes=self.max_bytes)
         return self._adapters[adapter_id]
 
     def load(self) -> list[str]:
@@ -421,9 +420,7 @@ class PatchStack:
         """Remove the most recent applied patch (exact restore, directory deleted); None if none."""
         with self.lock:
             self._ensure_loaded()
-            if not self._applied:
-                return None
-            return self.remove(self._applied[-1])
+            return self.remove(self._applied[-1]) if self._applied else None
 
     def import_(self, path, *, keep_going: bool = False) -> PatchInfo:
         """Add a colleague's adapter (a `.star.zip` archive or an adapter directory). Everything is
@@ -480,9 +477,7 @@ class PatchStack:
         try:
             place(self.path / adapter_id)
             placed = True
-            manifest = self._manifest.copy()
-            manifest.order.append(adapter_id)
-            manifest.enabled[adapter_id] = True
+            manifest = Manifest(self._manifest.order + [adapter_id], {**self._manifest.enabled, adapter_id: True})
             self.folder.write_manifest(manifest)
             self._manifest = manifest
         except BaseException:
@@ -509,12 +504,8 @@ class PatchStack:
     # -- reading ----------------------------------------------------------------------------------------------
 
     def _info(self, adapter_id: str, broken: list[VerifyRow] | None = None) -> PatchInfo:
-        info = self.folder.info(
-            adapter_id,
-            enabled=self._manifest.enabled.get(adapter_id, True),
-            applied=adapter_id in self._applied,
-            problem=self._problems.get(adapter_id),
-        )
+        info = self.folder.info(adapter_id, enabled=self._manifest.enabled.get(adapter_id, True),
+                                applied=adapter_id in self._applied, problem=self._problems.get(adapter_id))
         if broken:
             info.messages.append(f"applied with --keep-going: {self._regression_text(broken)}")
         return info
