@@ -90,3 +90,42 @@ def fisher_neurons(grads: dict[int, torch.Tensor], corpus_power: dict[int, torch
     score_lj = ||G_l[:, j]||² / Q_l[j, j] (G the loss gradient in the (d, d_ff) layout, Q the metric's
     diagonal), i.e. the diagonal of the natural-gradient drop."""
     return top_neurons({l: grads[l].pow(2).sum(0) / corpus_power[l] for l in grads}, k)
+
+
+@torch.no_grad()
+def greedy_neurons(grads: dict[int, torch.Tensor], metric_column, metric_diag: dict[int, torch.Tensor],
+                   k: int) -> dict[int, torch.Tensor]:
+    """The k neurons, over all layers, picked one at a time: each the one whose column adds the most
+    natural-gradient loss drop given those already picked. Unlike `fisher_neurons` it counts the corpus
+    correlations, so two neurons that fire together on normal code but not at the failure can be picked
+    as a pair whose changes cancel there.
+
+    With S picked in layer l, adding j gains ||r_j||² / s_j, where s_j = Q_jj - Q_jS Q_SS⁻¹ Q_Sj is what
+    of neuron j the picked ones do not explain on the corpus (the Schur complement) and
+    r_j = G_j - G_S Q_SS⁻¹ Q_Sj the gradient they do not already carry; tr(G_S Q_SS⁻¹ G_Sᵀ), the first-order
+    drop of the natural step on S, is the sum of the gains (a pivoted Cholesky factorisation of Q).
+
+    grads[l] (d, d_ff): the loss gradient; metric_column(l, j) -> Q_l[:, j] (d_ff,); metric_diag[l]: diag Q_l.
+    """
+    residual = {l: grads[l].double().clone() for l in grads}
+    schur = {l: metric_diag[l].double().clone() for l in grads}
+    factor = {l: [] for l in grads}                                   # the Cholesky rows picked so far
+    gains = {l: residual[l].pow(2).sum(0) / schur[l] for l in grads}
+    chosen = {l: [] for l in grads}
+    total = sum(len(s) for s in schur.values())
+    for _ in range(max(1, min(k, total))):
+        l = max(gains, key=lambda m: float(gains[m].max()))
+        j = int(gains[l].argmax())
+        column = metric_column(l, j).double()
+        if factor[l]:
+            V = torch.stack(factor[l])
+            column = column - V.T @ V[:, j]
+        pivot = float(column[j])
+        row = column / pivot ** 0.5
+        factor[l].append(row)
+        residual[l] -= torch.outer(residual[l][:, j], column / pivot)
+        schur[l] = (schur[l] - row.pow(2)).clamp_min(1e-30 * float(metric_diag[l].max()))
+        chosen[l].append(j)
+        gains[l] = residual[l].pow(2).sum(0) / schur[l]
+        gains[l][chosen[l]] = float("-inf")
+    return {l: torch.tensor(sorted(idx)) for l, idx in chosen.items() if idx}

@@ -44,9 +44,9 @@ def test_templates_and_kinds():
 def test_settings_and_variants():
     assert parse_method_settings(["star.layer_ratio=0.25", "mint.max_patches=3"]) == {
         "star": {"layer_ratio": "0.25"}, "mint": {"max_patches": "3"}}
-    rows = variants(["star", "sgd"], {"star": {"steps": "5"}}, ablation=True)
+    rows = variants(["star", "sgd"], {"star": {"bisections": "3"}}, ablation=True)
     assert [r.label for r in rows[:2]] == ["star", "sgd"] and len(rows) == 2 + len(ABLATION)
-    assert all(r.overrides["steps"] == "5" for r in rows if r.method == "star")
+    assert all(r.overrides["bisections"] == "3" for r in rows if r.method == "star")
     with pytest.raises(ValueError):
         variants(["star"], {"star": {"nope": "1"}}, ablation=False)
     picked = variants([], {}, ablation="token,layer 1/16")

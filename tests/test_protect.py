@@ -9,7 +9,7 @@ import torch
 
 from star_engine.case import RepairCase
 from star_engine.corpus import CorpusSpec, corpus_files
-from star_engine.locate import contrast_neurons, fisher_neurons
+from star_engine.locate import contrast_neurons, fisher_neurons, greedy_neurons
 from star_engine.methods.star.solver import Metric, natural_direction, protected_metric, protected_prior, realise, seme_direction
 from star_engine.protect import STAT_CORPUS, corpus_statistic, statistic_path
 from star_engine.repair import repair, undo
@@ -111,12 +111,45 @@ def test_fisher_neurons_prefer_loss_gradient_per_unit_of_corpus_change():
     assert {l: v.tolist() for l, v in chosen.items()} == {1: [0, 1]}
 
 
+def _natural_drop(G, Q, idx):
+    """tr(G_S Q_SS⁻¹ G_Sᵀ): the first-order loss drop of the natural step on the columns idx."""
+    Gs, Qs = G[:, idx].double(), Q[idx][:, idx].double()
+    return float((Gs @ torch.linalg.solve(Qs, Gs.T)).trace())
+
+
+def test_greedy_neurons_pick_a_pair_that_cancels_on_the_corpus():
+    # Neurons 0 and 1 fire together on the corpus (nearly the same activation) but only neuron 0 carries
+    # the gradient; 2 is independent and a little worse than 0 alone. Diagonal scores pick 0 and 2; the pair
+    # (0, 1) moves the failure while cancelling on normal code, a far larger drop per unit of change.
+    Q = {0: torch.tensor([[1.0, 0.99, 0.0], [0.99, 1.0, 0.0], [0.0, 0.0, 1.0]])}
+    G = {0: torch.tensor([[1.0, 0.0, 0.9]])}
+    diagonal = fisher_neurons(G, {0: Q[0].diagonal()}, 2)
+    joint = greedy_neurons(G, lambda l, j: Q[l][:, j], {0: Q[0].diagonal()}, 2)
+    assert diagonal[0].tolist() == [0, 2] and joint[0].tolist() == [0, 1]
+    assert _natural_drop(G[0], Q[0], [0, 1]) > 10 * _natural_drop(G[0], Q[0], [0, 2])
+
+
+def test_greedy_gains_add_up_to_the_natural_drop_of_the_chosen_columns():
+    torch.manual_seed(0)
+    X = torch.randn(3, 50, 12)
+    Q = {l: X[l].T @ X[l] / 50 + 0.1 * torch.eye(12) for l in range(3)}
+    G = {l: torch.randn(4, 12) for l in range(3)}
+    chosen = greedy_neurons(G, lambda l, j: Q[l][:, j], {l: Q[l].diagonal() for l in Q}, 7)
+    assert sum(len(v) for v in chosen.values()) == 7
+    picked = sum(_natural_drop(G[l], Q[l], idx) for l, idx in chosen.items())
+    for swap in range(20):   # no random 7-subset with the same per-layer counts beats the greedy pick much
+        other = {l: torch.randperm(12)[: len(idx)] for l, idx in chosen.items()}
+        assert sum(_natural_drop(G[l], Q[l], idx) for l, idx in other.items()) <= picked + 1e-9
+
+
 # -- on tiny random models ---------------------------------------------------------------------------------
 
 PLANTED = RepairCase("def add(a, b):\n    return", " a + b")
 TINY = {"sparsity": "contrast", "neurons": "24", "steps": "40", "lr": "0.05", "step_rule": "minimal",
         "direction": "gradient"}
 TINY_FISHER = {**TINY, "sparsity": "fisher", "direction": "natural", "lr": "1.0"}
+TINY_GREEDY = {**TINY_FISHER, "sparsity": "greedy"}
+TINY_LEAST = {**TINY_FISHER, "step_rule": "least_change", "steps": "10"}
 
 
 @pytest.fixture
@@ -134,7 +167,8 @@ def test_the_corpus_halves_are_disjoint_and_deterministic():
     assert STAT_CORPUS.n_tokens >= 100_000
 
 
-@pytest.mark.parametrize("settings", [TINY, TINY_FISHER], ids=["contrast-gradient", "fisher-natural"])
+@pytest.mark.parametrize("settings", [TINY, TINY_FISHER, TINY_GREEDY, TINY_LEAST],
+                         ids=["contrast-gradient", "fisher-natural", "greedy-natural", "fisher-least-change"])
 def test_a_sparse_repair_changes_only_its_chosen_columns(tiny_llama, small_stat, settings):
     snapshot = WeightSnapshot(tiny_llama.arch)
     result = repair(tiny_llama, [PLANTED], "star", settings, guard=None)

@@ -35,7 +35,7 @@ def test_undo_restores_the_weights_bit_exactly(tiny_llama):
 
 def test_a_repair_that_cannot_fix_restores_the_weights_bit_exactly(tiny_llama):
     before = snapshot(tiny_llama)
-    result = repair(tiny_llama, [PLANTED], "star", {"lr": "1e-9", "steps": "1"}, guard=None)
+    result = repair(tiny_llama, [PLANTED], "star", {"step_rule": "fixed", "lr": "1e-9", "steps": "1"}, guard=None)
     assert not result.fixed
     assert "still writes" in result.reason and result.patch is None
     assert same_weights(tiny_llama, before)
@@ -46,7 +46,7 @@ def test_token_mode_gives_up_at_the_first_failure_it_cannot_fix(tiny_llama):
     visited = {}
     for give_up in ("true", "false"):
         messages = []
-        settings = {"mode": "token", "lr": "1e-9", "steps": "1", "give_up": give_up}
+        settings = {"mode": "token", "step_rule": "fixed", "lr": "1e-9", "steps": "1", "give_up": give_up}
         result = repair(tiny_llama, [case], "star", settings, progress=lambda m, f: messages.append(m), guard=None)
         assert not result.fixed
         visited[give_up] = sum(m.startswith("case ") for m in messages)   # one per failing token visited

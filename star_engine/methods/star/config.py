@@ -11,11 +11,14 @@ class StarConfig:
         metadata={"help": "token: one optimisation per failing token, in order; batch: one joint "
                           "optimisation over every target token of every case (rows stacked)"},
     )
-    steps: int = field(default=10, metadata={"help": "accepted optimiser steps per repair at most (stops early when fixed)"})
+    steps: int = field(default=20, metadata={"help": "accepted optimiser steps per repair at most (stops early when fixed)"})
     lr: float = field(default=1e-2, metadata={"help": "eta, the first step scale: the step is eta * D"})
-    step_rule: Literal["fixed", "minimal", "backtrack"] = field(
-        default="fixed",
-        metadata={"help": "minimal: along each step, the smallest scale that fixes every target (doubling from "
+    step_rule: Literal["fixed", "minimal", "backtrack", "least_change"] = field(
+        default="least_change",
+        metadata={"help": "least_change: Gauss-Newton on the margins, no direction: each step re-solves the whole "
+                          "patch as the least change on normal code that gives every target the margin to first "
+                          "order (one gradient per target token; stalled, it goes on with natural minimal steps); "
+                          "minimal: along each step, the smallest scale that fixes every target (doubling from "
                           "lr/16, then bisection), else the scale with the lowest loss; backtrack: a step is kept "
                           "only if it lowers the loss, else its scale is halved and retried; fixed: the paper's "
                           "constant eta (can overshoot). No rule but fixed ever accepts a higher loss"},
@@ -28,25 +31,33 @@ class StarConfig:
                           "With a protected metric, seme and gradient are realised again: the least change on "
                           "normal code with the same effect at the failing positions (none at the right ones)"},
     )
+    polish: int = field(
+        default=5,
+        metadata={"help": "least_change: steps after the fix that re-solve the whole patch as the least change "
+                          "keeping every margin (each kept only if the fix still holds)"},
+    )
     backtracks: int = field(default=6, metadata={"help": "backtrack: halvings tried before the repair gives up"})
     bisections: int = field(default=5, metadata={"help": "minimal: bisection steps between the last failing and first fixing scale"})
     margin: float = field(
         default=0.5,
-        metadata={"help": "minimal: a target counts as fixed when its logit beats every other by this much "
+        metadata={"help": "minimal / least_change: a target counts as fixed when its logit beats every other by this much "
                           "(headroom, so that later patches do not undo it)"},
     )
     layer_ratio: float = field(
         default=1.0,
         metadata={"help": "fraction of layers to patch, ranked by FFN-skip loss (1.0 = all layers, no ranking)"},
     )
-    sparsity: Literal["none", "contrast", "fisher", "global", "layer"] = field(
-        default="none",
+    sparsity: Literal["none", "contrast", "fisher", "greedy", "global", "layer"] = field(
+        default="fisher",
         metadata={"help": "which neurons may change: none (all), contrast (the `neurons` most active at the "
-                          "failure relative to the corpus, over all layers), fisher (the `neurons` with the most loss "
-                          "gradient per unit of corpus change, over all layers), global / layer (grad x activation "
-                          "masks of the paper, `sparsity_ratio` of them)"},
+                          "failure relative to the corpus, over all layers), fisher (the `neurons` with the most "
+                          "loss gradient per unit of corpus change, over all layers), greedy (the `neurons` picked "
+                          "one at a time, each adding the most natural-gradient loss drop given those already "
+                          "picked, so corpus correlations count), global / layer (grad x activation masks of the "
+                          "paper, `sparsity_ratio` of them)"},
     )
-    neurons: int = field(default=128, metadata={"help": "contrast: neurons per patch (over all layers)"})
+    neurons: int = field(default=460, metadata={"help": "contrast / fisher / greedy: neurons per patch over all "
+                                                        "layers (460 = 1 % of the default model's FFN neurons)"})
     sparsity_ratio: float = field(default=0.25, metadata={"help": "global / layer: rho, share of d_ff neurons kept by the mask"})
     protect: Literal["covariance", "nullspace", "none"] = field(
         default="covariance",

@@ -13,13 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from ...hooks import record_activations
-from ...locate import contrast_neurons, ffn_skip_losses, fisher_neurons, neuron_masks, neuron_scores, top_layers
+from ...locate import (contrast_neurons, ffn_skip_losses, fisher_neurons, greedy_neurons, neuron_masks, neuron_scores,
+                       top_layers)
 from ...protect import corpus_statistic
 from ...semantic import semantic_steer
 from ...session import RepairSession
 from ..base import RepairMethod
 from .config import StarConfig
-from .solver import Metric, natural_direction, protected_metric, protected_prior, realise, seme_direction
+from .solver import (Metric, least_change_patch, natural_direction, protected_metric, protected_prior, realise,
+                     seme_direction)
 
 _MAX_SCALE = 8.0   # backtrack: a kept step may grow the scale up to this multiple of lr
 
@@ -42,10 +44,29 @@ class _Pass:
     margin: float                          # min over positions of target logit - best other logit
 
 
-def _margin(logits: torch.Tensor, target: torch.Tensor) -> float:
+def _margins(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N,) target logit minus the best other logit, at every predicting position."""
     right = logits.gather(1, target[:, None]).squeeze(1)
     others = logits.scatter(1, target[:, None], float("-inf")).max(-1).values
-    return float((right - others).min())
+    return right - others
+
+
+def _margin(logits: torch.Tensor, target: torch.Tensor) -> float:
+    return float(_margins(logits, target).min())
+
+
+def _soft_margins(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N,) target logit minus the log-sum-exp of all others: smooth, and never above the hard margin."""
+    right = logits.gather(1, target[:, None]).squeeze(1)
+    return right - logits.scatter(1, target[:, None], float("-inf")).logsumexp(-1)
+
+
+def _shortfall(margins: torch.Tensor, wanted: float) -> float:
+    return float((wanted - margins).clamp_min(0).sum())
+
+
+_BAND = 0.25       # least_change: positions this close above the margin are held at it too
+_OVERSHOOT = 0.05  # least_change: aim this far past the margin (the margins are not linear)
 
 
 class StarMethod(RepairMethod):
@@ -65,7 +86,7 @@ class StarMethod(RepairMethod):
     def tightened(self) -> "StarMethod | None":
         """The same method with fewer neurons and stronger protection (for the driver's locality guard)."""
         cfg = self.config
-        counted = cfg.sparsity in ("contrast", "fisher")
+        counted = cfg.sparsity in ("contrast", "fisher", "greedy")
         if counted and cfg.neurons < 8:
             return None
         neurons = cfg.neurons // 2 if counted else cfg.neurons
@@ -117,6 +138,15 @@ class StarMethod(RepairMethod):
         neurons = self._neurons(session, problem, layers, first, steered)
         layers = sorted(neurons)
         metrics = self._metrics(session, neurons)
+        if cfg.step_rule == "least_change":   # stalled: natural minimal steps from the patch it reached
+            return self._least_change(session, problem, layers, neurons, metrics) or \
+                StarMethod(replace(cfg, step_rule="minimal", direction="natural", lr=1.0))._steps(
+                    session, problem, layers, neurons, metrics, S, steered)
+        return self._steps(session, problem, layers, neurons, metrics, S, steered)
+
+    def _steps(self, session, problem, layers, neurons, metrics, S, steered) -> bool:
+        """Up to `steps` steps by the configured direction and step rule, from the columns as they are."""
+        cfg, arch = self.config, session.arch
         scale = cfg.lr
         for step in range(cfg.steps):
             session.check_cancel()
@@ -213,6 +243,84 @@ class StarMethod(RepairMethod):
             arch.columns(l)[:, neurons[l]] = saved[l]
         return None
 
+    def _least_change(self, session, problem, layers, neurons, metrics) -> bool:
+        """Gauss-Newton on the soft margins (smooth, and never above the hard ones). Each step re-solves the
+        whole patch as the least change on normal code that gives every target near or under the margin the
+        margin, to first order (so a step also drops what earlier steps no longer need), and moves towards it
+        (halved up to `backtracks` times until the total soft shortfall shrinks). When no such move helps,
+        the step adds that least change to the patch instead (plain Gauss-Newton, which always makes progress
+        near a solution). Fixed means every target the argmax by the margin; then up to `polish` more
+        re-solves, each kept only while the fix holds."""
+        cfg = self.config
+        saved = {l: session.arch.columns(l)[:, neurons[l]].clone() for l in layers}
+        patch = {l: torch.zeros_like(saved[l]) for l in layers}
+        fixed = lambda logits: _margin(logits, problem.target) >= cfg.margin
+        polished = 0
+        for step in range(cfg.steps + cfg.polish):
+            session.check_cancel()
+            session.report(f"step {step + 1}: least change", min(1.0, step / cfg.steps))
+            logits, margins, J, constrained = self._margin_jacobian(session, problem, layers, neurons)
+            reached = fixed(logits)
+            if reached and polished >= cfg.polish or not reached and step >= cfg.steps or not len(constrained):
+                break
+            polished += reached
+            now = _shortfall(margins, cfg.margin)
+            shortfall = cfg.margin + _OVERSHOOT - margins[constrained]
+            accept = fixed if reached else \
+                (lambda after: _shortfall(_soft_margins(after, problem.target), cfg.margin) < now)
+            whole = least_change_patch(J, metrics, shortfall, patch)
+            kept = self._try_towards(session, problem, layers, neurons, saved, patch, whole, accept)
+            if kept is None and not reached:
+                added = least_change_patch(J, metrics, shortfall, {l: torch.zeros_like(p) for l, p in patch.items()})
+                kept = self._try_towards(session, problem, layers, neurons, saved, patch,
+                                         {l: patch[l] + added[l] for l in layers}, accept)
+            if kept is None:
+                break
+            patch = kept
+        with torch.no_grad():
+            return fixed(self._logits(session, problem))
+
+    def _try_towards(self, session, problem, layers, neurons, saved, patch, wanted, accept):
+        """patch + a (wanted - patch) for a = 1, 1/2, ... (`backtracks` halvings): the first one whose soft
+        margins `accept` takes, left applied; None (the columns back at patch) when none does."""
+        scale = 1.0
+        for _ in range(self.config.backtracks + 1):
+            trial = {l: patch[l] + scale * (wanted[l] - patch[l]) for l in layers}
+            self._set(session.arch, layers, neurons, saved, trial)
+            with torch.no_grad():
+                if accept(self._logits(session, problem)):
+                    return trial
+            scale /= 2
+        self._set(session.arch, layers, neurons, saved, patch)
+        return None
+
+    def _margin_jacobian(self, session, problem, layers, neurons):
+        """The logits and soft margins at every predicting position, and for the positions within `_BAND` of
+        the wanted margin (or under it) the gradient of each soft margin with respect to the patchable
+        columns: {layer: (n, d, k)}."""
+        arch = session.arch
+        with session.trainable(layers) as params:
+            logits = self._logits(session, problem)
+            margins = _soft_margins(logits, problem.target)
+            constrained = (margins < self.config.margin + _BAND).nonzero().flatten()
+            J = {l: [] for l in layers}
+            for i, p in enumerate(constrained.tolist()):
+                grads = torch.autograd.grad(margins[p], params, retain_graph=i + 1 < len(constrained))
+                for l, g in zip(layers, grads):
+                    J[l].append(arch.as_columns(l, g)[:, neurons[l]])
+        return logits.detach(), margins.detach(), {l: torch.stack(v) for l, v in J.items()}, constrained
+
+    @staticmethod
+    def _logits(session, problem) -> torch.Tensor:
+        return torch.cat([session.lm.model(input_ids=ids).logits[0, span]
+                          for ids, span in zip(problem.inputs, problem.spans)])
+
+    @staticmethod
+    @torch.no_grad()
+    def _set(arch, layers, neurons, saved, patch) -> None:
+        for l in layers:
+            arch.columns(l)[:, neurons[l]] = saved[l] + patch[l]
+
     @staticmethod
     @torch.no_grad()
     def _add(arch, layers, neurons, steps, scale) -> None:
@@ -240,13 +348,16 @@ class StarMethod(RepairMethod):
             stat = corpus_statistic(session.lm)
             active = {l: first.rows[l][steered] for l in layers}
             return contrast_neurons(active, {l: stat.diag(l) for l in layers}, cfg.neurons)
-        if cfg.sparsity == "fisher":
+        if cfg.sparsity in ("fisher", "greedy"):
             stat = corpus_statistic(session.lm)
             with session.trainable(layers) as params:
                 self._forward(session, problem, layers).loss.backward()
                 grads = {l: session.arch.as_columns(l, W.grad).clone() for l, W in zip(layers, params)}
-            floor = {l: stat.diag(l) + cfg.ridge * float(stat.diag(l).mean()) for l in layers}
-            return fisher_neurons(grads, floor, cfg.neurons)
+            if cfg.sparsity == "fisher":
+                floor = {l: stat.diag(l) + cfg.ridge * float(stat.diag(l).mean()) for l in layers}
+                return fisher_neurons(grads, floor, cfg.neurons)
+            column, diag = self._metric_columns(session, layers)
+            return greedy_neurons(grads, column, diag, cfg.neurons)
         ids, span = problem.inputs[0], problem.spans[0]
         first_wrong = int(steered.nonzero()[0])
         context = ids[0, : span.start + first_wrong + 1].tolist()
@@ -254,6 +365,24 @@ class StarMethod(RepairMethod):
         best = layers[0] if cfg.sparsity == "layer" else None
         masks = neuron_masks(scores, cfg.sparsity, cfg.sparsity_ratio, best)
         return {l: m.nonzero().flatten() for l, m in masks.items() if bool(m.any())}
+
+    def _metric_columns(self, session: RepairSession, layers: list[int]):
+        """Q_l[:, j] on demand and diag Q_l, for the dense covariance metric of `protected_metric` (the
+        corpus, the earlier fixes' rows, the ridge), without forming the d_ff x d_ff matrices."""
+        cfg, stat = self.config, corpus_statistic(session.lm)
+        keep = self._keep_rows(session, layers) if cfg.keep_weight > 0 else {}
+        weight = {l: cfg.keep_weight / len(keep[l]) for l in keep if len(keep[l])}
+        diag = {l: stat.diag(l) + (weight[l] * keep[l].pow(2).sum(0) if l in weight else 0) for l in layers}
+        ridge = {l: cfg.ridge * float(diag[l].mean()) for l in layers}
+
+        def column(l: int, j: int) -> torch.Tensor:
+            c = stat.second_moment[l][:, j].clone()
+            if l in weight:
+                c += weight[l] * (keep[l].T @ keep[l][:, j])
+            c[j] += ridge[l]
+            return c
+
+        return column, {l: diag[l] + ridge[l] for l in layers}
 
     def _metrics(self, session: RepairSession, neurons: dict[int, torch.Tensor]) -> dict[int, Metric]:
         cfg = self.config

@@ -111,3 +111,22 @@ def seme_direction(P: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 def seme_step(W: torch.Tensor, P: torch.Tensor, G: torch.Tensor, lr: float) -> None:
     """In place: W += lr * |P| * (-sign G), fused (one pass over W, no lr * |P| temporary)."""
     W.addcmul_(P.abs(), torch.sign(G), value=-lr)
+
+
+def least_change_patch(J: dict[int, torch.Tensor], metrics: dict[int, Metric], shortfall: torch.Tensor,
+                       current: dict[int, torch.Tensor], damping: float = 1e-6) -> dict[int, torch.Tensor]:
+    """One Gauss-Newton step on the margins, towards the patch with the least change on normal code.
+
+        ΔW = argmin Σ_l tr(ΔW_l Q_l ΔW_lᵀ)  subject to  J (ΔW - ΔW_k) = shortfall
+           = Σ_p λ_p J_p,l Q_l⁻¹,           λ = (J Q⁻¹ Jᵀ)⁻¹ (shortfall + J ΔW_k)
+
+    J[l] (n, d, k): the gradient of each constrained position's margin (target logit minus the best other)
+    with respect to layer l's patchable columns; shortfall (n,): what each margin lacks; current[l] (d, k):
+    ΔW_k, the patch so far. Solving for the whole patch, not an increment, lets each step also undo the
+    parts of earlier steps the margins no longer need."""
+    JQ = {l: metrics[l].apply(J[l].reshape(-1, J[l].shape[-1]).T).T.reshape(J[l].shape) for l in J}
+    gram = sum(J[l].flatten(1).double() @ JQ[l].flatten(1).double().T for l in J)
+    moved = sum(J[l].flatten(1).double() @ current[l].flatten().double() for l in J)
+    gram += damping * float(gram.diagonal().mean()) * torch.eye(len(gram), dtype=gram.dtype)
+    lam = torch.linalg.solve(gram, shortfall.double() + moved).float()
+    return {l: torch.einsum("n,ndk->dk", lam, JQ[l]) for l in J}
