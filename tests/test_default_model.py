@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from controls import CONTROLS
+from star_engine.capture import encode
 from star_engine.case import RepairCase
 from star_engine.generate import complete
 from star_engine.repair import repair, undo
@@ -32,6 +34,27 @@ REAL_FAILURES = [
 @pytest.fixture(scope="module")
 def control_completions(default_lm):
     return {p: complete(default_lm, p, max_new_tokens=16) for p in CONTROLS}
+
+
+@torch.no_grad()
+def _greedy_line_margins(lm, prompt: str, max_new_tokens: int = 16) -> tuple[str, list[float]]:
+    """The greedy single-line completion and, at each of its tokens and at the token ending the line, the
+    top logit minus the runner-up."""
+    ids, new, margins = encode(lm, prompt), [], []
+    for _ in range(max_new_tokens):
+        top = lm.model(input_ids=torch.tensor([ids + new])).logits[0, -1].topk(2)
+        margins.append(float(top.values[0] - top.values[1]))
+        new.append(int(top.indices[0]))
+        if "\n" in lm.tokenizer.decode(new) or new[-1] == lm.tokenizer.eos_token_id:
+            break
+    return lm.tokenizer.decode(new, skip_special_tokens=True).split("\n")[0], margins
+
+
+def test_the_controls_are_decisive_to_the_end_of_their_line(default_lm, control_completions):
+    for prompt in CONTROLS:
+        line, margins = _greedy_line_margins(default_lm, prompt)
+        assert line == control_completions[prompt]
+        assert min(margins) >= 0.5, (prompt, margins)
 
 
 def test_the_cases_are_real_distinct_failures(default_lm):
