@@ -10,7 +10,8 @@ import torch
 from star_engine.case import RepairCase
 from star_engine.corpus import CorpusSpec, corpus_files
 from star_engine.locate import contrast_neurons, fisher_neurons, greedy_neurons
-from star_engine.methods.star.solver import Metric, natural_direction, protected_metric, protected_prior, realise, seme_direction
+from star_engine.methods.star.solver import (Metric, least_change_patch, natural_direction, protected_metric, protected_prior,
+                                             realise, seme_direction)
 from star_engine.protect import STAT_CORPUS, corpus_statistic, statistic_path
 from star_engine.repair import repair, undo
 from star_engine.patch import WeightSnapshot
@@ -82,6 +83,85 @@ def test_the_natural_direction_drops_the_loss_most_per_unit_of_corpus_change():
     plain = {l: -G[l] for l in G}
     plain = {l: x * (cost(D) / cost(plain)) ** 0.5 for l, x in plain.items()}   # the same change on the corpus
     assert drop(D) > 1.5 * drop(plain)
+
+
+def test_the_least_change_patch_meets_the_linearised_margins_with_the_least_corpus_change():
+    g = torch.Generator().manual_seed(9)
+    n, d, k = 4, 6, 20
+    J = {l: torch.randn(n, d, k, generator=g) for l in range(2)}
+    metrics = {l: protected_metric(_spd(k, 10 + l), "covariance", ridge=1e-2, threshold=0.0) for l in J}
+    current = {l: torch.randn(d, k, generator=g) for l in J}
+    shortfall = torch.randn(n, generator=g)
+    W = least_change_patch(J, metrics, shortfall, current, damping=0.0)
+    effect = lambda X: sum(torch.einsum("ndk,dk->n", J[l], X[l]) for l in J)
+    delta = {l: W[l] - current[l] for l in J}
+    torch.testing.assert_close(effect(delta), shortfall, atol=1e-3, rtol=1e-3)
+    Q = {l: torch.linalg.inv(metrics[l].inverse.double()).float() for l in J}
+    cost = lambda X: sum(float((X[l] @ Q[l] * X[l]).sum()) for l in J)
+    # Any other patch with the same first-order margins (W plus a change J cannot see) costs more.
+    flat = torch.cat([J[l].flatten(1) for l in J], 1)
+    free = torch.randn(flat.shape[1], generator=g)
+    free -= flat.T @ torch.linalg.lstsq(flat.T, free).solution
+    split = free.split([d * k] * len(J))
+    other = {l: W[l] + 0.1 * split[l].reshape(d, k) for l in J}
+    torch.testing.assert_close(effect(other), effect(W), atol=1e-3, rtol=1e-3)
+    assert cost(other) > cost(W)
+
+
+def test_least_change_keeps_only_steps_that_shrink_the_shortfall_or_keep_the_fix(tiny_llama, small_stat, monkeypatch):
+    from star_engine.methods.star import method as star_method
+
+    trials, original = [], star_method.StarMethod._try_towards
+
+    def recording(self, session, problem, layers, neurons, saved, patch, wanted, accept):
+        with torch.no_grad():
+            before = self._logits(session, problem)
+        kept = original(self, session, problem, layers, neurons, saved, patch, wanted, accept)
+        with torch.no_grad():
+            after = self._logits(session, problem)
+        trials.append((before, after, kept is None, problem.target))
+        return kept
+
+    monkeypatch.setattr(star_method.StarMethod, "_try_towards", recording)
+    result = repair(tiny_llama, [PLANTED], "star", TINY_LEAST, guard=None)
+    assert result.fixed, result.reason
+    assert trials
+    margin = float(TINY_LEAST.get("margin", 0.5))
+    shortfall = lambda logits, target: star_method._shortfall(star_method._soft_margins(logits, target), margin)
+    for before, after, refused, target in trials:
+        if refused:
+            torch.testing.assert_close(after, before)     # the columns back where they were
+        elif float(star_method._margins(before, target).min()) >= margin:
+            assert float(star_method._margins(after, target).min()) >= margin
+        else:
+            assert shortfall(after, target) < shortfall(before, target)
+    undo(tiny_llama, result)
+
+
+def test_least_change_keeps_an_earlier_fix_given_as_keep_rows(tiny_llama, small_stat, monkeypatch):
+    from star_engine.capture import encode_case
+    from star_engine.generate import writes_fix
+    from star_engine.methods.star import method as star_method
+
+    seen, original = [], star_method.StarMethod._margin_targets
+
+    def recording(self, problem, logits):
+        wanted, floor = original(self, problem, logits)
+        seen.append((problem.kept.clone(), floor.clone()))
+        return wanted, floor
+
+    first = repair(tiny_llama, [PLANTED], "star", TINY_LEAST, guard=None)
+    assert first.fixed, first.reason
+    monkeypatch.setattr(star_method.StarMethod, "_margin_targets", recording)
+    later = RepairCase("import os\nprint(", "os.getcwd())")
+    second = repair(tiny_llama, [later], "star", TINY_LEAST | {"keep_rows": "64"}, protect=[PLANTED], guard=None)
+    assert second.fixed, second.reason
+    kept, floor = seen[0]
+    assert int(kept.sum()) == len(encode_case(tiny_llama, PLANTED).target_ids)
+    assert bool((floor[kept] == 0).all())            # an earlier fix must only stay the argmax
+    assert writes_fix(tiny_llama, encode_case(tiny_llama, PLANTED))[0]
+    undo(tiny_llama, second)
+    undo(tiny_llama, first)
 
 
 def test_earlier_fixes_in_the_statistic_are_moved_less():

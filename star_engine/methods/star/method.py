@@ -31,6 +31,7 @@ class _Problem:
     inputs: list[torch.Tensor]    # (1, T) token ids, one per sequence
     spans: list[slice]            # the predicting positions in each
     target: torch.Tensor          # (N,) the target token at every predicting position, concatenated
+    kept: torch.Tensor | None = None   # (N,) bool: positions of earlier fixes (keep rows), not to be fixed
 
 
 _SCALES = [2.0**k for k in range(-4, 9)]   # minimal: the scales tried, in units of lr
@@ -41,7 +42,7 @@ class _Pass:
     loss: torch.Tensor
     predicted: torch.Tensor                # (N,)
     rows: dict[int, torch.Tensor]          # layer -> (N, d_ff) activations at the predicting positions
-    margin: float                          # min over positions of target logit - best other logit
+    margin: float                          # min over the new targets of target logit - best other logit
 
 
 def _margins(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -51,8 +52,14 @@ def _margins(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return right - others
 
 
-def _margin(logits: torch.Tensor, target: torch.Tensor) -> float:
-    return float(_margins(logits, target).min())
+def _fix_margin(logits: torch.Tensor, problem: _Problem) -> float:
+    """The least lead of a new target; -inf when an earlier fix (keep row) is no longer the argmax."""
+    margins = _margins(logits, problem.target)
+    if problem.kept is None:
+        return float(margins.min())
+    if bool((margins[problem.kept] <= 0).any()):
+        return float("-inf")
+    return float(margins[~problem.kept].min())
 
 
 def _soft_margins(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -61,11 +68,12 @@ def _soft_margins(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return right - logits.scatter(1, target[:, None], float("-inf")).logsumexp(-1)
 
 
-def _shortfall(margins: torch.Tensor, wanted: float) -> float:
+def _shortfall(margins: torch.Tensor, wanted: float | torch.Tensor) -> float:
     return float((wanted - margins).clamp_min(0).sum())
 
 
 _BAND = 0.25       # least_change: positions this close above the margin are held at it too
+_KEEP_SLACK = 0.25  # least_change: how far an earlier fix's soft margin may drop (at most half its lead)
 _OVERSHOOT = 0.05  # least_change: aim this far past the margin (the margins are not linear)
 
 
@@ -103,10 +111,12 @@ class StarMethod(RepairMethod):
                 break
             encoded.append(enc)
             budget -= len(enc.target_ids)
+        new = len(session.cases)
         return _Problem(
             [torch.tensor([list(enc.ids)]) for enc in encoded],
             [slice(len(enc.prompt_ids) - 1, len(enc.ids) - 1) for enc in encoded],
             torch.cat([torch.tensor(enc.target_ids) for enc in encoded]),
+            torch.cat([torch.full((len(enc.target_ids),), i >= new) for i, enc in enumerate(encoded)]),
         )
 
     # -- one optimisation ---------------------------------------------------------------------------
@@ -120,7 +130,7 @@ class StarMethod(RepairMethod):
                     rows[l].append(acts[l][0, span].detach())
         logits = torch.cat(logits)
         return _Pass(F.cross_entropy(logits, problem.target), logits.argmax(-1).detach(),
-                     {l: torch.cat(r) for l, r in rows.items()}, _margin(logits.detach(), problem.target))
+                     {l: torch.cat(r) for l, r in rows.items()}, _fix_margin(logits.detach(), problem))
 
     def _solve(self, session: RepairSession, problem: _Problem) -> bool:
         """Steps on one problem until every target is the argmax (True) or the budget is spent (False)."""
@@ -254,20 +264,22 @@ class StarMethod(RepairMethod):
         cfg = self.config
         saved = {l: session.arch.columns(l)[:, neurons[l]].clone() for l in layers}
         patch = {l: torch.zeros_like(saved[l]) for l in layers}
-        fixed = lambda logits: _margin(logits, problem.target) >= cfg.margin
+        with torch.no_grad():
+            wanted, floor = self._margin_targets(problem, self._logits(session, problem))
+        fixed = lambda logits: bool((_margins(logits, problem.target) >= floor).all())
         polished = 0
         for step in range(cfg.steps + cfg.polish):
             session.check_cancel()
             session.report(f"step {step + 1}: least change", min(1.0, step / cfg.steps))
-            logits, margins, J, constrained = self._margin_jacobian(session, problem, layers, neurons)
+            logits, margins, J, constrained = self._margin_jacobian(session, problem, layers, neurons, wanted)
             reached = fixed(logits)
             if reached and polished >= cfg.polish or not reached and step >= cfg.steps or not len(constrained):
                 break
             polished += reached
-            now = _shortfall(margins, cfg.margin)
-            shortfall = cfg.margin + _OVERSHOOT - margins[constrained]
+            now = _shortfall(margins, wanted)
+            shortfall = wanted[constrained] + _OVERSHOOT - margins[constrained]
             accept = fixed if reached else \
-                (lambda after: _shortfall(_soft_margins(after, problem.target), cfg.margin) < now)
+                (lambda after: _shortfall(_soft_margins(after, problem.target), wanted) < now)
             whole = least_change_patch(J, metrics, shortfall, patch)
             kept = self._try_towards(session, problem, layers, neurons, saved, patch, whole, accept)
             if kept is None and not reached:
@@ -279,6 +291,22 @@ class StarMethod(RepairMethod):
             patch = kept
         with torch.no_grad():
             return fixed(self._logits(session, problem))
+
+    def _margin_targets(self, problem: _Problem, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per position, the soft margin to reach or hold and the hard margin that counts as fixed. A new
+        target: `margin`, both. An earlier fix (keep row): it must stay the argmax, and its soft margin
+        may drop by at most `_KEEP_SLACK` or half its lead (so it only becomes a constraint once it moves);
+        one already lost (no lead) is neither fixed nor held."""
+        wanted = torch.full((len(problem.target),), self.config.margin)
+        floor = wanted.clone()
+        if problem.kept is not None and bool(problem.kept.any()):
+            k = problem.kept
+            lead = _margins(logits, problem.target)[k]
+            slack = (lead / 2).clamp(max=_KEEP_SLACK)
+            soft = _soft_margins(logits, problem.target)[k]
+            wanted[k] = torch.where(lead > 0, soft.clamp(max=self.config.margin) - slack, float("-inf"))
+            floor[k] = torch.where(lead > 0, 0.0, float("-inf"))
+        return wanted, floor
 
     def _try_towards(self, session, problem, layers, neurons, saved, patch, wanted, accept):
         """patch + a (wanted - patch) for a = 1, 1/2, ... (`backtracks` halvings): the first one whose soft
@@ -294,15 +322,15 @@ class StarMethod(RepairMethod):
         self._set(session.arch, layers, neurons, saved, patch)
         return None
 
-    def _margin_jacobian(self, session, problem, layers, neurons):
+    def _margin_jacobian(self, session, problem, layers, neurons, wanted):
         """The logits and soft margins at every predicting position, and for the positions within `_BAND` of
-        the wanted margin (or under it) the gradient of each soft margin with respect to the patchable
+        their wanted margin (or under it) the gradient of each soft margin with respect to the patchable
         columns: {layer: (n, d, k)}."""
         arch = session.arch
         with session.trainable(layers) as params:
             logits = self._logits(session, problem)
             margins = _soft_margins(logits, problem.target)
-            constrained = (margins < self.config.margin + _BAND).nonzero().flatten()
+            constrained = (margins < wanted + _BAND).nonzero().flatten()
             J = {l: [] for l in layers}
             for i, p in enumerate(constrained.tolist()):
                 grads = torch.autograd.grad(margins[p], params, retain_graph=i + 1 < len(constrained))

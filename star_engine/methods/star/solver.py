@@ -120,8 +120,8 @@ def least_change_patch(J: dict[int, torch.Tensor], metrics: dict[int, Metric], s
         ΔW = argmin Σ_l tr(ΔW_l Q_l ΔW_lᵀ)  subject to  J (ΔW - ΔW_k) = shortfall
            = Σ_p λ_p J_p,l Q_l⁻¹,           λ = (J Q⁻¹ Jᵀ)⁻¹ (shortfall + J ΔW_k)
 
-    J[l] (n, d, k): the gradient of each constrained position's margin (target logit minus the best other)
-    with respect to layer l's patchable columns; shortfall (n,): what each margin lacks; current[l] (d, k):
+    J[l] (n, d, k): the gradient of each constrained position's soft margin (target logit minus the
+    log-sum-exp of the others) with respect to layer l's patchable columns; shortfall (n,): what each margin lacks; current[l] (d, k):
     ΔW_k, the patch so far. Solving for the whole patch, not an increment, lets each step also undo the
     parts of earlier steps the margins no longer need."""
     JQ = {l: metrics[l].apply(J[l].reshape(-1, J[l].shape[-1]).T).T.reshape(J[l].shape) for l in J}
