@@ -62,7 +62,7 @@ def test_fixes_in_a_row_are_kept_and_all_still_hold(sequence):
     print(f"\n{len(kept)}/{sequence['n']} kept, refused {sequence['refused']}, not fixed {sequence['unfixed']}")
     assert sequence["n"] == N_FIXES
     assert len(kept) + len(sequence["refused"]) + len(sequence["unfixed"]) == N_FIXES
-    assert len(kept) >= 5          # measured 5/8 (the issue's target, 95 % kept, is not met yet)
+    assert len(kept) >= 5          # measured 5/8, none refused, 3 over the guard (target 95 %: missed)
     for case, _, _ in kept:
         assert complete(lm, case.prompt, max_new_tokens=48) == case.fix.split("\n")[0]
 
@@ -73,12 +73,9 @@ def test_unrelated_completions_are_unchanged_after_all_the_fixes(sequence):
     assert {p: a for p, a in after.items() if a != before[p]} == {}
 
 
-SPARSE = {"sparsity": "contrast", "neurons": "128", "direction": "gradient", "step_rule": "minimal", "margin": "0"}
-
-
-def test_a_sparse_patch_is_a_small_adapter_that_vanilla_peft_reloads(tmp_path):
-    """The sparse setting (not the default: its locality is worse, docs/ablation.md): a patch of at most 1 %
-    of the FFN neurons, an adapter under 1 MB that vanilla peft loads on the base model and that writes the fix."""
+def test_a_patch_is_a_small_sparse_adapter_that_vanilla_peft_reloads(tmp_path):
+    """The shipped setting: a patch of at most 1 % of the FFN neurons, stored as rank = touched neurons (an
+    exact one-hot A in float16, B in float32), that vanilla peft loads on the base model and that writes the fix."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -90,13 +87,14 @@ def test_a_sparse_patch_is_a_small_adapter_that_vanilla_peft_reloads(tmp_path):
     case = RepairCase("# Reverse the list `a`\n", "a.reverse()")
     stack = PatchStack(lm, tmp_path / "adapters")
     stack.load()
-    result = repair(lm, [case], "star", SPARSE)
+    result = repair(lm, [case])
     assert result.fixed, result.reason
     assert 0 < result.neurons <= 0.01 * lm.arch.d_ff * lm.arch.n_layers
     info = stack.add(result)
     size = (Path(info.path) / WEIGHTS_NAME).stat().st_size
     print(f"\nsparse patch: {result.neurons} neurons in {len(result.layers)} layers, adapter {size / 1024:.0f} KiB")
-    assert size < 2**20
+    per_neuron = 2 * lm.arch.d_ff + 4 * lm.arch.d_model    # one float16 row of A, one float32 column of B
+    assert result.neurons * per_neuron < size < result.neurons * per_neuron + 2**16
     base = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32)
     pm = PeftModel.from_pretrained(base, str(info.path)).eval()
     reloaded = as_loaded(pm, lm.tokenizer)
