@@ -22,7 +22,7 @@ from star_engine.capture import encode
 from star_engine.generate import complete
 from star_engine.patch import WeightSnapshot
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]   # the sequence of repairs with keep rows takes ~16 min on 2 cores
 
 CONALA_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "conala" / "dev.jsonl"
 N_FIXES = 8
