@@ -158,7 +158,7 @@ def test_least_change_keeps_an_earlier_fix_given_as_keep_rows(tiny_llama, small_
     assert second.fixed, second.reason
     kept, floor = seen[0]
     assert int(kept.sum()) == len(encode_case(tiny_llama, PLANTED).target_ids)
-    assert bool((floor[kept] == 0).all())            # an earlier fix must only stay the argmax
+    assert bool((floor[kept] == star_method._LEAST_LEAD).all())   # an earlier fix must only stay the argmax
     assert writes_fix(tiny_llama, encode_case(tiny_llama, PLANTED))[0]
     undo(tiny_llama, second)
     undo(tiny_llama, first)
@@ -335,3 +335,29 @@ def test_the_statistic_is_a_second_moment(tiny_llama, small_stat):
     assert C.shape == (tiny_llama.arch.d_ff,) * 2
     torch.testing.assert_close(C, C.T)
     assert float(torch.linalg.eigvalsh(C.double()).min()) > -1e-3 * float(C.diagonal().max())
+
+
+def test_each_positions_margin_gradient_is_taken_through_its_own_sequence_alone(tiny_llama):
+    from star_engine.capture import encode_case
+    from star_engine.methods import get_method
+    from star_engine.methods.star import method as star_method
+    from star_engine.session import RepairSession
+
+    lm, g = tiny_llama, torch.Generator().manual_seed(3)
+    session = RepairSession(lm, [encode_case(lm, PLANTED)])
+    inputs = [torch.randint(0, 100, (1, n), generator=g) for n in (9, 13)]
+    spans, sizes = [slice(5, 8), slice(8, 12)], [3, 4]
+    target = torch.randint(0, 100, (sum(sizes),), generator=g)
+    problem = star_method._Problem(inputs, spans, target)
+    layers, neurons = [0, 2], {0: torch.tensor([1, 4, 7]), 2: torch.tensor([0, 5])}
+    everything = torch.full((len(target),), float("inf"))    # every position constrained
+    _, _, J, constrained = get_method("star")._margin_jacobian(session, problem, layers, neurons, everything)
+    assert constrained.tolist() == list(range(len(target)))
+    p = 0
+    for ids, span, t in zip(inputs, spans, target.split(sizes)):
+        with session.trainable(layers) as params:
+            alone = star_method._soft_margins(lm.model(input_ids=ids).logits[0, span], t)
+            for i in range(len(t)):
+                for l, grad in zip(layers, torch.autograd.grad(alone[i], params, retain_graph=True)):
+                    torch.testing.assert_close(J[l][p], lm.arch.as_columns(l, grad)[:, neurons[l]])
+                p += 1

@@ -78,3 +78,13 @@ def test_neuron_masks_keep_the_top_scores():
     assert list(layer) == [1] and layer[1].sum() == 4 and layer[1][-4:].all()
     pooled = neuron_masks(scores, "global", 0.25)
     assert pooled[0].sum() == 0 and pooled[1].sum() >= 4
+
+
+def test_span_logits_are_the_full_passes_logits_at_the_predicting_positions(tiny_lm):
+    from star_engine.methods.star.method import _span_logits
+
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    span = slice(7, 11)
+    with torch.no_grad():
+        full = tiny_lm.model(input_ids=ids).logits[0, span]
+        torch.testing.assert_close(_span_logits(tiny_lm.model, ids, span), full)

@@ -33,6 +33,10 @@ class _Problem:
     target: torch.Tensor          # (N,) the target token at every predicting position, concatenated
     kept: torch.Tensor | None = None   # (N,) bool: positions of earlier fixes (keep rows), not to be fixed
 
+    def __post_init__(self):
+        if self.kept is None:
+            self.kept = torch.zeros(len(self.target), dtype=torch.bool)
+
 
 _SCALES = [2.0**k for k in range(-4, 9)]   # minimal: the scales tried, in units of lr
 
@@ -40,6 +44,7 @@ _SCALES = [2.0**k for k in range(-4, 9)]   # minimal: the scales tried, in units
 @dataclass
 class _Pass:
     loss: torch.Tensor
+    logits: torch.Tensor                   # (N, vocab), detached
     predicted: torch.Tensor                # (N,)
     rows: dict[int, torch.Tensor]          # layer -> (N, d_ff) activations at the predicting positions
     margin: float                          # min over the new targets of target logit - best other logit
@@ -52,11 +57,15 @@ def _margins(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return right - others
 
 
+def _span_logits(model, ids: torch.Tensor, span: slice) -> torch.Tensor:
+    """(len(span), vocab) logits at the predicting positions only: the output head, forward and backward, is a
+    large share of a pass over a short sequence, and the prompt's positions need none of it."""
+    return model(input_ids=ids, logits_to_keep=torch.arange(span.start, span.stop)).logits[0]
+
+
 def _fix_margin(logits: torch.Tensor, problem: _Problem) -> float:
     """The least lead of a new target; -inf when an earlier fix (keep row) is no longer the argmax."""
     margins = _margins(logits, problem.target)
-    if problem.kept is None:
-        return float(margins.min())
     if bool((margins[problem.kept] <= 0).any()):
         return float("-inf")
     return float(margins[~problem.kept].min())
@@ -75,6 +84,7 @@ def _shortfall(margins: torch.Tensor, wanted: float | torch.Tensor) -> float:
 _BAND = 0.25       # least_change: positions this close above the margin are held at it too
 _KEEP_SLACK = 0.25  # least_change: how far an earlier fix's soft margin may drop (at most half its lead)
 _OVERSHOOT = 0.05  # least_change: aim this far past the margin (the margins are not linear)
+_LEAST_LEAD = float(torch.nextafter(torch.tensor(0.0), torch.tensor(1.0)))  # still the argmax: any lead above 0
 
 
 class StarMethod(RepairMethod):
@@ -125,11 +135,11 @@ class StarMethod(RepairMethod):
         logits, rows = [], {l: [] for l in layers}
         with record_activations(session.arch, layers) as acts:
             for ids, span in zip(problem.inputs, problem.spans):
-                logits.append(session.lm.model(input_ids=ids).logits[0, span])
+                logits.append(_span_logits(session.lm.model, ids, span))
                 for l in layers:
                     rows[l].append(acts[l][0, span].detach())
         logits = torch.cat(logits)
-        return _Pass(F.cross_entropy(logits, problem.target), logits.argmax(-1).detach(),
+        return _Pass(F.cross_entropy(logits, problem.target), logits.detach(), logits.argmax(-1).detach(),
                      {l: torch.cat(r) for l, r in rows.items()}, _fix_margin(logits.detach(), problem))
 
     def _solve(self, session: RepairSession, problem: _Problem) -> bool:
@@ -149,7 +159,7 @@ class StarMethod(RepairMethod):
         layers = sorted(neurons)
         metrics = self._metrics(session, neurons)
         if cfg.step_rule == "least_change":   # stalled: natural minimal steps from the patch it reached
-            return self._least_change(session, problem, layers, neurons, metrics) or \
+            return self._least_change(session, problem, layers, neurons, metrics, first.logits) or \
                 StarMethod(replace(cfg, step_rule="minimal", direction="natural", lr=1.0))._steps(
                     session, problem, layers, neurons, metrics, S, steered)
         return self._steps(session, problem, layers, neurons, metrics, S, steered)
@@ -253,7 +263,7 @@ class StarMethod(RepairMethod):
             arch.columns(l)[:, neurons[l]] = saved[l]
         return None
 
-    def _least_change(self, session, problem, layers, neurons, metrics) -> bool:
+    def _least_change(self, session, problem, layers, neurons, metrics, start_logits) -> bool:
         """Gauss-Newton on the soft margins (smooth, and never above the hard ones). Each step re-solves the
         whole patch as the least change on normal code that gives every target near or under the margin the
         margin, to first order (so a step also drops what earlier steps no longer need), and moves towards it
@@ -264,8 +274,7 @@ class StarMethod(RepairMethod):
         cfg = self.config
         saved = {l: session.arch.columns(l)[:, neurons[l]].clone() for l in layers}
         patch = {l: torch.zeros_like(saved[l]) for l in layers}
-        with torch.no_grad():
-            wanted, floor = self._margin_targets(problem, self._logits(session, problem))
+        wanted, floor = self._margin_targets(problem, start_logits)
         fixed = lambda logits: bool((_margins(logits, problem.target) >= floor).all())
         polished = 0
         for step in range(cfg.steps + cfg.polish):
@@ -299,13 +308,12 @@ class StarMethod(RepairMethod):
         one already lost (no lead) is neither fixed nor held."""
         wanted = torch.full((len(problem.target),), self.config.margin)
         floor = wanted.clone()
-        if problem.kept is not None and bool(problem.kept.any()):
-            k = problem.kept
-            lead = _margins(logits, problem.target)[k]
-            slack = (lead / 2).clamp(max=_KEEP_SLACK)
-            soft = _soft_margins(logits, problem.target)[k]
-            wanted[k] = torch.where(lead > 0, soft.clamp(max=self.config.margin) - slack, float("-inf"))
-            floor[k] = torch.where(lead > 0, 0.0, float("-inf"))
+        k = problem.kept
+        lead = _margins(logits, problem.target)[k]
+        slack = (lead / 2).clamp(max=_KEEP_SLACK)
+        soft = _soft_margins(logits, problem.target)[k]
+        wanted[k] = torch.where(lead > 0, soft.clamp(max=self.config.margin) - slack, float("-inf"))
+        floor[k] = torch.where(lead > 0, _LEAST_LEAD, float("-inf"))   # a tie is lost, as in _fix_margin
         return wanted, floor
 
     def _try_towards(self, session, problem, layers, neurons, saved, patch, wanted, accept):
@@ -325,22 +333,26 @@ class StarMethod(RepairMethod):
     def _margin_jacobian(self, session, problem, layers, neurons, wanted):
         """The logits and soft margins at every predicting position, and for the positions within `_BAND` of
         their wanted margin (or under it) the gradient of each soft margin with respect to the patchable
-        columns: {layer: (n, d, k)}."""
+        columns: {layer: (n, d, k)}. The margins are taken per sequence, so that a position's backward pass
+        runs through its own sequence only (not through every earlier fix's as well)."""
         arch = session.arch
+        sizes = [span.stop - span.start for span in problem.spans]
+        where = [(s, i) for s, n in enumerate(sizes) for i in range(n)]   # position -> (sequence, index in it)
         with session.trainable(layers) as params:
-            logits = self._logits(session, problem)
-            margins = _soft_margins(logits, problem.target)
-            constrained = (margins < wanted + _BAND).nonzero().flatten()
+            logits = [_span_logits(session.lm.model, ids, span) for ids, span in zip(problem.inputs, problem.spans)]
+            margins = [_soft_margins(l, t) for l, t in zip(logits, problem.target.split(sizes))]
+            constrained = (torch.cat(margins).detach() < wanted + _BAND).nonzero().flatten()
             J = {l: [] for l in layers}
-            for i, p in enumerate(constrained.tolist()):
-                grads = torch.autograd.grad(margins[p], params, retain_graph=i + 1 < len(constrained))
-                for l, g in zip(layers, grads):
+            for p in constrained.tolist():
+                s, i = where[p]
+                for l, g in zip(layers, torch.autograd.grad(margins[s][i], params, retain_graph=True)):
                     J[l].append(arch.as_columns(l, g)[:, neurons[l]])
-        return logits.detach(), margins.detach(), {l: torch.stack(v) for l, v in J.items()}, constrained
+        J = {l: torch.stack(rows) if rows else torch.empty(0, arch.d_model, len(neurons[l])) for l, rows in J.items()}
+        return torch.cat(logits).detach(), torch.cat(margins).detach(), J, constrained
 
     @staticmethod
     def _logits(session, problem) -> torch.Tensor:
-        return torch.cat([session.lm.model(input_ids=ids).logits[0, span]
+        return torch.cat([_span_logits(session.lm.model, ids, span)
                           for ids, span in zip(problem.inputs, problem.spans)])
 
     @staticmethod
