@@ -84,7 +84,7 @@ def test_span_logits_are_the_full_passes_logits_at_the_predicting_positions(tiny
     from star_engine.methods.star.method import _span_logits
 
     ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
-    span = slice(7, 11)
     with torch.no_grad():
-        full = tiny_lm.model(input_ids=ids).logits[0, span]
-        torch.testing.assert_close(_span_logits(tiny_lm.model, ids, span), full)
+        for span in (slice(7, 11), slice(11, None)):    # batch mode's spans, token mode's last position
+            full = tiny_lm.model(input_ids=ids).logits[0, span]
+            torch.testing.assert_close(_span_logits(tiny_lm.model, ids, span), full)

@@ -60,7 +60,7 @@ def _margins(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def _span_logits(model, ids: torch.Tensor, span: slice) -> torch.Tensor:
     """(len(span), vocab) logits at the predicting positions only: the output head, forward and backward, is a
     large share of a pass over a short sequence, and the prompt's positions need none of it."""
-    return model(input_ids=ids, logits_to_keep=torch.arange(span.start, span.stop)).logits[0]
+    return model(input_ids=ids, logits_to_keep=torch.arange(ids.shape[1])[span]).logits[0]
 
 
 def _fix_margin(logits: torch.Tensor, problem: _Problem) -> float:
@@ -336,7 +336,7 @@ class StarMethod(RepairMethod):
         columns: {layer: (n, d, k)}. The margins are taken per sequence, so that a position's backward pass
         runs through its own sequence only (not through every earlier fix's as well)."""
         arch = session.arch
-        sizes = [span.stop - span.start for span in problem.spans]
+        sizes = [len(range(ids.shape[1])[span]) for ids, span in zip(problem.inputs, problem.spans)]
         where = [(s, i) for s, n in enumerate(sizes) for i in range(n)]   # position -> (sequence, index in it)
         with session.trainable(layers) as params:
             logits = [_span_logits(session.lm.model, ids, span) for ids, span in zip(problem.inputs, problem.spans)]
