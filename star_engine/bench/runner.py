@@ -4,8 +4,10 @@ optionally, sequential mode (all cases in a row, no reset)."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ..adapters import PatchStack
 from ..adapters.format import WEIGHTS_NAME, encode_result
@@ -134,16 +136,20 @@ def _writes(lm: LoadedModel, bc) -> bool:
 
 
 def run_sequential(lm: LoadedModel, data: BenchData, variant: Variant, tick: Callable[[], None] = lambda: None,
-                   guard: GuardConfig | None = GuardConfig()) -> dict:
+                   guard: GuardConfig | None = GuardConfig(), keep_in: Path | None = None) -> dict:
     """All cases one after another through a real PatchStack, as the server does: each repair protects the
     stack's cases, a fixed one is added under the stack's regression policy (kept or refused). Then: how
-    many kept fixes still hold, and the final model's locality against the base."""
+    many kept fixes still hold, and the final model's locality against the base. The stack's folder is a
+    temporary one unless `keep_in` (a new or empty folder) names where to leave it; the weights are
+    restored either way."""
+    if keep_in is not None and keep_in.exists() and any(keep_in.iterdir()):
+        raise ValueError(f"{keep_in} is not empty: the sequential stack needs a new folder")
     snapshot = WeightSnapshot(lm.arch)
     held = held_windows(lm)
     base = behaviour(lm, held)
     kept, refused, unfixed, already, seconds = [], 0, 0, 0, 0.0
     try:
-        with tempfile.TemporaryDirectory(prefix="star-bench-stack-") as folder:
+        with _stack_folder(keep_in) as folder:
             stack = PatchStack(lm, folder)
             stack.load()
             for i, bc in enumerate(data.cases):
@@ -179,6 +185,16 @@ def run_sequential(lm: LoadedModel, data: BenchData, variant: Variant, tick: Cal
         "stack_bytes": sum(sizes),
         "seconds_per_case": seconds / n if n else None,
     }
+
+
+@contextmanager
+def _stack_folder(keep_in: Path | None) -> Iterator[Path]:
+    if keep_in is None:
+        with tempfile.TemporaryDirectory(prefix="star-bench-stack-") as folder:
+            yield Path(folder)
+    else:
+        keep_in.mkdir(parents=True, exist_ok=True)
+        yield keep_in
 
 
 def run_compose(lm: LoadedModel, data: BenchData, patches: list, max_pairs: int = 20) -> dict:
