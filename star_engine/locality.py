@@ -26,8 +26,18 @@ class Behaviour:
     nll: torch.Tensor      # (positions,)
 
 
+# Logits held at once by `behaviour` (float32 elements, 256 MB): 4 windows of 256 positions on a 49k
+# vocabulary, one on Qwen2.5-Coder's 152k (whose 4-window batch made a repair's peak RSS ~1.3 GB higher).
+LOGITS_BUDGET = 64 << 20
+
+
+def _batch_for(lm: LoadedModel, window: int) -> int:
+    return max(1, min(4, LOGITS_BUDGET // max(1, window * lm.model.config.get_text_config().vocab_size)))
+
+
 @torch.no_grad()
-def behaviour(lm: LoadedModel, windows: list[tuple[int, ...]], batch: int = 4) -> Behaviour:
+def behaviour(lm: LoadedModel, windows: list[tuple[int, ...]], batch: int | None = None) -> Behaviour:
+    batch = batch or _batch_for(lm, max(map(len, windows), default=1))
     argmax, nll = [], []
     for b in range(0, len(windows), batch):
         ids = torch.tensor(windows[b : b + batch])

@@ -38,11 +38,24 @@ _BATCH = 4
 
 @dataclass
 class CorpusStatistic:
-    second_moment: dict[int, torch.Tensor]   # layer -> C_l (d_ff, d_ff), float32
+    """C_l per layer, held in bfloat16 as it is cached (half of float32: 1.1 GB instead of 2.3 GB for
+    Qwen2.5-Coder-0.5B), read out in float32 only where a solve needs it: its diagonal, a column, the block
+    of the chosen neurons."""
+
+    second_moment: dict[int, torch.Tensor]   # layer -> C_l (d_ff, d_ff), bfloat16
     n_tokens: int
 
     def diag(self, layer: int) -> torch.Tensor:
-        return self.second_moment[layer].diagonal()
+        return self.second_moment[layer].diagonal().to(torch.float32, copy=True)
+
+    def column(self, layer: int, j: int) -> torch.Tensor:
+        return self.second_moment[layer][:, j].to(torch.float32, copy=True)
+
+    def block(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
+        return self.second_moment[layer][idx][:, idx].to(torch.float32)
+
+    def dense(self, layer: int) -> torch.Tensor:
+        return self.second_moment[layer].to(torch.float32, copy=True)
 
 
 def model_fingerprint(lm: LoadedModel) -> str:
@@ -92,7 +105,7 @@ def _read_cache(path: Path, expected: dict[str, str], n_layers: int, d_ff: int) 
         t = tensors.get(f"layer.{layer}")
         if t is None or tuple(t.shape) != (d_ff, d_ff):
             return None
-        t = t.to(torch.float32)
+        t = t.to(torch.bfloat16)
         if not bool(torch.isfinite(t).all()):
             return None
         out[layer] = t
@@ -155,7 +168,7 @@ def corpus_statistic(lm: LoadedModel, *, progress: bool = True, spec: CorpusSpec
             _write_cache(path, moments, meta)
         except OSError:
             pass   # a read-only or full cache: the statistic is still used, just recomputed next time
-        moments = {l: m.to(torch.bfloat16).to(torch.float32) for l, m in moments.items()}   # same bits as a reload
+        moments = {l: moments.pop(l).to(torch.bfloat16) for l in sorted(moments)}   # as a reload has them
     stat = CorpusStatistic(moments, n_tokens)
     lm.cache[key] = stat
     return stat

@@ -392,7 +392,8 @@ class StarMethod(RepairMethod):
             stat = corpus_statistic(session.lm)
             with session.trainable(layers) as params:
                 self._forward(session, problem, layers).loss.backward()
-                grads = {l: session.arch.as_columns(l, W.grad).clone() for l, W in zip(layers, params)}
+                # No copy: the gradients outlive `trainable` (which only drops the parameters' references).
+                grads = {l: session.arch.as_columns(l, W.grad) for l, W in zip(layers, params)}
             if cfg.sparsity == "fisher":
                 floor = {l: stat.diag(l) + cfg.ridge * float(stat.diag(l).mean()) for l in layers}
                 return fisher_neurons(grads, floor, cfg.neurons)
@@ -416,7 +417,7 @@ class StarMethod(RepairMethod):
         ridge = {l: cfg.ridge * float(diag[l].mean()) for l in layers}
 
         def column(l: int, j: int) -> torch.Tensor:
-            c = stat.second_moment[l][:, j].clone()
+            c = stat.column(l, j)
             if l in weight:
                 c += weight[l] * (keep[l].T @ keep[l][:, j])
             c[j] += ridge[l]
@@ -431,7 +432,7 @@ class StarMethod(RepairMethod):
         stat = corpus_statistic(session.lm)
         keep = self._keep_rows(session, sorted(neurons)) if cfg.keep_weight > 0 else {}
         return {
-            l: protected_metric(stat.second_moment[l][idx][:, idx], cfg.protect, ridge=cfg.ridge,
+            l: protected_metric(stat.block(l, idx), cfg.protect, ridge=cfg.ridge,
                                 threshold=cfg.nullspace_threshold,
                                 keep=keep[l][:, idx] if l in keep else None, keep_weight=cfg.keep_weight)
             for l, idx in neurons.items()
