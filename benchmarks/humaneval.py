@@ -82,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no such tasks: {', '.join(missing[:3])}")
     if args.repair and not (args.data and args.adapters):
         parser.error("--repair needs --data and --adapters (the new folder the patches go to)")
-    if args.repair and Path(args.adapters).exists() and any(Path(args.adapters).iterdir()):
-        parser.error(f"--repair: {args.adapters} is not empty")
+    if args.repair:   # checked before the model loads and the cases are found (minutes)
+        from star_engine.bench.runner import require_new_folder
+
+        try:
+            require_new_folder(Path(args.adapters))
+        except ValueError as e:
+            parser.error(f"--repair: {e}")
     lm = load_model(args.model)
     if args.repair:
         make_patches(lm, args.data, args.repair, Path(args.adapters))

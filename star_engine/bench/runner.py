@@ -142,8 +142,8 @@ def run_sequential(lm: LoadedModel, data: BenchData, variant: Variant, tick: Cal
     many kept fixes still hold, and the final model's locality against the base. The stack's folder is a
     temporary one unless `keep_in` (a new or empty folder) names where to leave it; the weights are
     restored either way."""
-    if keep_in is not None and keep_in.exists() and any(keep_in.iterdir()):
-        raise ValueError(f"{keep_in} is not empty: the sequential stack needs a new folder")
+    if keep_in is not None:
+        require_new_folder(keep_in)
     snapshot = WeightSnapshot(lm.arch)
     held = held_windows(lm)
     base = behaviour(lm, held)
@@ -185,6 +185,12 @@ def run_sequential(lm: LoadedModel, data: BenchData, variant: Variant, tick: Cal
         "stack_bytes": sum(sizes),
         "seconds_per_case": seconds / n if n else None,
     }
+
+
+def require_new_folder(path: Path) -> None:
+    """A sequential run's stack goes to a new (or empty) folder, never on top of someone's patches."""
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(f"{path} is not empty: the sequential stack needs a new folder")
 
 
 @contextmanager

@@ -395,7 +395,8 @@ class StarMethod(RepairMethod):
                 # No copy: the gradients outlive `trainable` (which only drops the parameters' references).
                 grads = {l: session.arch.as_columns(l, W.grad) for l, W in zip(layers, params)}
             if cfg.sparsity == "fisher":
-                floor = {l: stat.diag(l) + cfg.ridge * float(stat.diag(l).mean()) for l in layers}
+                diag = {l: stat.diag(l) for l in layers}
+                floor = {l: d + cfg.ridge * float(d.mean()) for l, d in diag.items()}
                 return fisher_neurons(grads, floor, cfg.neurons)
             column, diag = self._metric_columns(session, layers)
             return greedy_neurons(grads, column, diag, cfg.neurons)
