@@ -1,5 +1,8 @@
 """A patch is a set of column deltas on FFN output projections, kept exactly so that it can be saved,
-re-applied on another copy of the base model, and undone bit for bit."""
+re-applied on another copy of the base model, and undone bit for bit.
+
+Deltas are held at their storage precision (float16, where it fits) before the fix is verified, so that the
+weights a repair checks are bit for bit the weights any reload of its adapter gives."""
 
 from __future__ import annotations
 
@@ -8,6 +11,19 @@ from dataclasses import dataclass, field
 import torch
 
 from .arch import Arch
+
+STORAGE_DTYPE = torch.float16   # a delta's precision in the adapter file: half of float32, 11 significant bits
+
+
+def storable(delta: torch.Tensor) -> torch.Tensor:
+    """The delta rounded to STORAGE_DTYPE (as float32), or unchanged where a value would not fit it."""
+    rounded = delta.to(STORAGE_DTYPE)
+    return rounded.to(delta.dtype) if bool(torch.isfinite(rounded).all()) else delta
+
+
+def is_storable(delta: torch.Tensor) -> bool:
+    """True when STORAGE_DTYPE holds every value of the delta exactly."""
+    return torch.equal(storable(delta), delta)
 
 
 @dataclass
@@ -56,6 +72,20 @@ class WeightSnapshot:
             cols = (after != before).any(dim=0).nonzero().flatten()
             if len(cols):
                 patch.layers[l] = LayerDelta(cols, (after[:, cols] - before[:, cols]).clone())
+        return patch
+
+    @torch.no_grad()
+    def settle(self) -> Patch:
+        """The change made since the snapshot, rounded to storage precision, and the weights set to exactly
+        what applying that patch to the snapshot gives (the same operation as any reload of it)."""
+        patch = Patch()
+        for l, ld in self.diff().layers.items():
+            delta = storable(ld.delta)
+            keep = (delta != 0).any(dim=0)
+            if bool(keep.any()):
+                patch.layers[l] = LayerDelta(ld.columns[keep], delta[:, keep].contiguous())
+        self.restore()
+        apply_patch(self.arch, patch)
         return patch
 
     def saved_columns(self, patch: Patch) -> SavedColumns:

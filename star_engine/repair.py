@@ -144,6 +144,7 @@ def repair(
         method_started = time.perf_counter()
         try:
             repairer.repair(session)
+            patch = snapshot.settle()
         except BaseException:
             snapshot.restore()
             raise
@@ -164,7 +165,7 @@ def repair(
             fixed = False
             break
         repairer = tighter
-    patch = snapshot.diff() if fixed else None
+    patch = patch if fixed else None
     saved = snapshot.saved_columns(patch) if fixed else None
     if not fixed:
         snapshot.restore()

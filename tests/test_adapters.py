@@ -155,6 +155,28 @@ def test_own_reload_is_bit_exact(tiny_llama, tokenizer, tmp_path):
     assert same_weights(fresh, snapshot(tiny_llama))
 
 
+def test_a_repair_verifies_the_weights_its_adapter_reloads_in_one_byte_a_and_float16_b(tokenizer, tmp_path):
+    """The repair rounds its deltas to the file's float16 before it checks the fix, so the repaired model and
+    any reload of its adapter are the same bits; the one-hot A takes one byte per entry."""
+    lm = make_tiny("llama", tokenizer)
+    result = repair(lm, [CASES[0]], "star", {**TINY_STEP, "sparsity": "global", "sparsity_ratio": "0.25"}, guard=None)
+    assert result.fixed, result.reason
+    out = save_adapter(lm, result, tmp_path / "fix")
+    with open(out / WEIGHTS_NAME, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    encoding = json.loads((out / META_NAME).read_text())["encoding"]
+    assert "one-hot" in encoding.values()
+    expected = {"one-hot": ("F8_E4M3", "F16"), "identity": ("F16", "F16")}
+    for layer, kind in encoding.items():
+        module = f"base_model.model.{lm.arch.out_proj_name(int(layer))}"
+        got = header[f"{module}.lora_A.weight"]["dtype"], header[f"{module}.lora_B.weight"]["dtype"]
+        assert got == expected[kind], (layer, kind)
+    fresh = make_tiny("llama", tokenizer)
+    apply_patch(fresh.arch, load_adapter(fresh, out).patch)
+    assert same_weights(fresh, snapshot(lm))
+    assert complete(fresh, CASES[0].prompt) == CASES[0].fix
+
+
 def test_save_refuses_an_unfixed_result_and_an_existing_directory(tiny_llama, tmp_path):
     result = fake_result(tiny_llama, hand_patch(tiny_llama))
     save_adapter(tiny_llama, result, tmp_path / "fix")

@@ -76,7 +76,7 @@ def test_unrelated_completions_are_unchanged_after_all_the_fixes(sequence):
 
 def test_a_patch_is_a_small_sparse_adapter_that_vanilla_peft_reloads(tmp_path):
     """The shipped setting: a patch of at most 1 % of the FFN neurons, stored as rank = touched neurons (an
-    exact one-hot A in float16, B in float32), that vanilla peft loads on the base model and that writes the fix."""
+    exact one-hot A in one-byte float8, B in float16), that vanilla peft loads on the base model and that writes the fix."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -94,7 +94,7 @@ def test_a_patch_is_a_small_sparse_adapter_that_vanilla_peft_reloads(tmp_path):
     info = stack.add(result)
     size = (Path(info.path) / WEIGHTS_NAME).stat().st_size
     print(f"\nsparse patch: {result.neurons} neurons in {len(result.layers)} layers, adapter {size / 1024:.0f} KiB")
-    per_neuron = 2 * lm.arch.d_ff + 4 * lm.arch.d_model    # one float16 row of A, one float32 column of B
+    per_neuron = lm.arch.d_ff + 2 * lm.arch.d_model    # one float8 row of A, one float16 column of B
     assert result.neurons * per_neuron < size < result.neurons * per_neuron + 2**16
     base = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32)
     pm = PeftModel.from_pretrained(base, str(info.path)).eval()

@@ -3,9 +3,12 @@
 Encoding (per patched layer, whichever is smaller; both are exact and vanilla `peft` loads both):
 
 * one-hot:  r = k (number of patched neurons), lora_A (k, d_ff) one-hot rows selecting the neurons
-            (stored as float16: 0 and 1 are exact, and A is most of the file), lora_B (d, k) = the
-            delta columns (float32);
+            (stored as float8 e4m3, one byte: 0 and 1 are exact, and A is most of the file), lora_B (d, k)
+            = the delta columns;
 * identity: r = d, lora_B = I_d, lora_A (d, d_ff) = the dense delta (untouched columns zero).
+
+Deltas are float16 (a repair rounds them so before it verifies the fix, star_engine.patch), float32 when a
+value does not fit; loading casts every factor to float32, as peft's own loading does.
 
 `lora_alpha = r` per module through `rank_pattern` / `alpha_pattern`, so PEFT's scale is exactly 1 and the
 applied delta is B @ A. Reading never unpickles: only safetensors, whose header is checked before any tensor
@@ -34,7 +37,7 @@ from safetensors.torch import save as st_save
 
 from ..model import LoadedModel
 from ..text import excerpt
-from ..patch import LayerDelta, Patch, SavedColumns
+from ..patch import STORAGE_DTYPE, LayerDelta, Patch, SavedColumns, is_storable
 from .atomic import atomic_write_dir, clean_dead_temps
 from .sidecar import FORMAT, FORMAT_VERSION, META_NAME, Sidecar, read_sidecar, sidecar_from_dict
 from .untrusted import AdapterError, is_pickle, read_json_object, read_regular_file
@@ -43,7 +46,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, META_NAME)
 MAX_BYTES = 512 * 2**20            # default size limit of one adapter's weights (configurable)
-DTYPES = ("F32", "F16", "BF16")
+DTYPES = ("F32", "F16", "BF16", "F8_E4M3")
+ONE_HOT_DTYPE = torch.float8_e4m3fn   # 0 and 1 exactly, in one byte
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 
@@ -114,15 +118,16 @@ def encode_patch(lm: LoadedModel, patch: Patch) -> tuple[dict[str, torch.Tensor]
         cols = ld.columns.to(torch.long)
         delta = ld.delta.detach().to(torch.float32)
         k = len(cols)
+        stored = STORAGE_DTYPE if is_storable(delta) else torch.float32
         if k <= d:
-            a = torch.zeros(k, d_ff, dtype=torch.float16)
+            a = torch.zeros(k, d_ff, dtype=ONE_HOT_DTYPE)
             a[torch.arange(k), cols] = 1.0
-            b = delta.clone()
+            b = delta.to(stored)
             ranks[layer], encodings[layer] = k, "one-hot"
         else:
-            a = torch.zeros(d, d_ff)
-            a[:, cols] = delta
-            b = torch.eye(d)
+            a = torch.zeros(d, d_ff, dtype=stored)
+            a[:, cols] = delta.to(stored)
+            b = torch.eye(d, dtype=stored)
             ranks[layer], encodings[layer] = d, "identity"
         key_a, key_b = _keys(lm, layer)
         tensors[key_a], tensors[key_b] = a.contiguous(), b.contiguous()
@@ -550,7 +555,7 @@ def _ranks(lm: LoadedModel, shapes: dict[str, tuple[str, tuple[int, ...]]]) -> d
     found: dict[int, dict[str, tuple[int, ...]]] = {}
     for key, (dtype, shape) in shapes.items():
         if dtype not in DTYPES:
-            raise AdapterError(f"{WEIGHTS_NAME}: tensor {key} has dtype {dtype}; expected F32, F16 or BF16")
+            raise AdapterError(f"{WEIGHTS_NAME}: tensor {key} has dtype {dtype}; expected F32, F16, BF16 or F8_E4M3")
         if key not in by_key:
             raise AdapterError(f"unexpected tensor {key!r}: not a LoRA factor of this model's FFN output projections")
         layer, which = by_key[key]
