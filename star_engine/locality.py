@@ -31,13 +31,14 @@ class Behaviour:
 LOGITS_BUDGET = 64 << 20
 
 
-def _batch_for(lm: LoadedModel, window: int) -> int:
+def logits_batch(lm: LoadedModel, window: int) -> int:
+    """Windows per forward pass whose logits stay within LOGITS_BUDGET floats (1 to 4)."""
     return max(1, min(4, LOGITS_BUDGET // max(1, window * lm.model.config.get_text_config().vocab_size)))
 
 
 @torch.no_grad()
 def behaviour(lm: LoadedModel, windows: list[tuple[int, ...]], batch: int | None = None) -> Behaviour:
-    batch = batch or _batch_for(lm, max(map(len, windows), default=1))
+    batch = batch or logits_batch(lm, max(map(len, windows), default=1))
     argmax, nll = [], []
     for b in range(0, len(windows), batch):
         ids = torch.tensor(windows[b : b + batch])

@@ -85,11 +85,18 @@ def contrast_neurons(active: dict[int, torch.Tensor], corpus_power: dict[int, to
     return top_neurons(scores, k)
 
 
-def fisher_neurons(grads: dict[int, torch.Tensor], corpus_power: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:
+def fisher_neurons(grads: dict[int, torch.Tensor], corpus_power: dict[int, torch.Tensor], k: int,
+                   output_inverse: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
     """The k neurons whose column gives the most first-order loss drop per unit of change on normal code:
-    score_lj = ||G_l[:, j]||² / Q_l[j, j] (G the loss gradient in the (d, d_ff) layout, Q the metric's
-    diagonal), i.e. the diagonal of the natural-gradient drop."""
-    return top_neurons({l: grads[l].pow(2).sum(0) / corpus_power[l] for l in grads}, k)
+    score_lj = G_l[:, j]ᵀ R_l⁻¹ G_l[:, j] / Q_l[j, j] (G the loss gradient in the (d, d_ff) layout, Q the
+    metric's diagonal, R the output metric, the identity when not given), i.e. the diagonal of the
+    natural-gradient drop."""
+    def power(l: int) -> torch.Tensor:
+        if output_inverse is None:
+            return grads[l].pow(2).sum(0)
+        return (grads[l] * (output_inverse[l] @ grads[l])).sum(0)
+
+    return top_neurons({l: power(l) / corpus_power[l] for l in grads}, k)
 
 
 @torch.no_grad()

@@ -1,12 +1,19 @@
-"""What a patch must not move: the second moment of the neuron activations on normal code.
+"""What a patch must not move: second moments on both sides of each FFN output projection, on normal code.
 
     C_l = E[z zᵀ]   (d_ff x d_ff), z = the input of layer l's FFN output projection, over every token of
                     the "stat" half of the code corpus (star_engine.corpus)
 
 A change ΔW_l of the output projection moves the layer's output on a corpus token by ΔW_l z, so its mean
-squared effect on normal code is tr(ΔW_l C_l ΔW_lᵀ): the quantity the protected solve keeps small.
+squared effect on normal code is tr(ΔW_l C_l ΔW_lᵀ). The output side says which of those moves the
+predictions notice:
 
-Computed once per model (a progress bar; a few minutes on 2 CPU cores for the default model), cached as
+    R_l = E[g gᵀ]   (d x d), g = the gradient of the next-token loss at a label drawn from the model itself,
+                    with respect to layer l's FFN output, over 16k tokens of the same half
+
+and tr(R_l ΔW_l C_l ΔW_lᵀ) is, to second order, twice the KL divergence the change adds on normal code
+(K-FAC's two factors): the quantity the protected solve keeps small.
+
+Each is computed once per model (a progress bar; a few minutes on 2 CPU cores for the default model), cached as
 one safetensors file in the star cache keyed by the model's fingerprint and the corpus digest, loaded
 lazily on first use. A cache file that is truncated, corrupt, or made for another model or corpus is
 recomputed, never trusted.
@@ -18,7 +25,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +35,7 @@ from tqdm import tqdm
 
 from .corpus import CorpusSpec, corpus_windows, windows_digest
 from .hooks import record_activations
+from .locality import logits_batch
 from .model import LoadedModel, cache_root
 
 STAT_VERSION = 1
@@ -73,24 +81,27 @@ def model_fingerprint(lm: LoadedModel) -> str:
     return lm.cache["fingerprint"]
 
 
-def _cache_file(lm: LoadedModel, corpus_digest: str) -> Path:
-    key = hashlib.sha256(f"{model_fingerprint(lm)}:{corpus_digest}:{STAT_VERSION}".encode()).hexdigest()[:24]
-    return cache_root() / "stats" / f"{lm.name.replace('/', '_')[:40]}-{key}.safetensors"
+def _cache_file(lm: LoadedModel, corpus_digest: str, kind: str = "") -> Path:
+    """`kind`: "" for C (the name it always had), "output-fisher" for R."""
+    key = hashlib.sha256(f"{model_fingerprint(lm)}:{corpus_digest}:{STAT_VERSION}{kind}".encode()).hexdigest()[:24]
+    suffix = f"-{kind}" if kind else ""
+    return cache_root() / "stats" / f"{lm.name.replace('/', '_')[:40]}-{key}{suffix}.safetensors"
 
 
-def _expected_meta(lm: LoadedModel, corpus_digest: str, n_tokens: int) -> dict[str, str]:
+def _expected_meta(lm: LoadedModel, corpus_digest: str, n_tokens: int, width: int | None = None) -> dict[str, str]:
     return {
         "version": str(STAT_VERSION),
         "model_fingerprint": model_fingerprint(lm),
         "corpus_digest": corpus_digest,
         "n_tokens": str(n_tokens),
         "n_layers": str(lm.arch.n_layers),
-        "d_ff": str(lm.arch.d_ff),
+        "d_ff": str(lm.arch.d_ff if width is None else width),
     }
 
 
 def _read_cache(path: Path, expected: dict[str, str], n_layers: int, d_ff: int) -> dict[int, torch.Tensor] | None:
-    """The cached moments, or None when the file is missing, corrupt or made for something else."""
+    """The cached moments (d_ff x d_ff each, or whatever square size is asked), or None when the file is
+    missing, corrupt or made for something else."""
     from safetensors import safe_open
 
     try:
@@ -188,3 +199,113 @@ def _default_spec(lm: LoadedModel) -> CorpusSpec:
 def statistic_path(lm: LoadedModel, spec: CorpusSpec | None = None) -> Path:
     """Where the statistic of this model is (or would be) cached."""
     return _cache_file(lm, windows_digest(corpus_windows(lm, spec or _default_spec(lm))))
+
+
+# -- the output side: how much a change of each layer's output moves the predictions --------------------
+
+FISHER_CORPUS = CorpusSpec(split="stat", n_tokens=16_384)   # 64 windows: R_l is only d x d
+FISHER_SEED = 0
+_FISHER_REFERENCE_PARAMS = 135e6   # the default model; a larger one gets fewer windows (a backward pass each)
+
+
+def _fisher_spec(lm: LoadedModel) -> CorpusSpec:
+    """16k tokens for the default model, down to 4k for a model 4x its size (about two minutes either way);
+    2k for a tiny one (the tests')."""
+    if lm.arch.d_ff < 1024:
+        return replace(FISHER_CORPUS, n_tokens=SMALL_MODEL_TOKENS // 4)
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    scale = min(1.0, _FISHER_REFERENCE_PARAMS / max(n_params, 1))
+    n = max(FISHER_CORPUS.n_tokens // 4, int(FISHER_CORPUS.n_tokens * scale))
+    return replace(FISHER_CORPUS, n_tokens=n)
+
+
+@dataclass
+class OutputFisher:
+    """R_l = E[g gᵀ] per layer (d x d, float32), g = the gradient of the next-token loss, at a label sampled
+    from the model itself, with respect to layer l's FFN output, over the corpus's "stat" half: K-FAC's output
+    factor. A change ΔW_l of the output projection then costs about ½ tr(R_l ΔW_l C_l ΔW_lᵀ) of expected KL
+    divergence on normal code, where C alone counts every direction of the residual stream the same."""
+
+    moments: dict[int, torch.Tensor]
+    n_tokens: int
+    _inverses: dict[tuple[int, float], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def inverse(self, layer: int, ridge: float) -> torch.Tensor:
+        """(R_l + ridge * mean(diag R_l) * I)⁻¹ (computed once per layer and ridge)."""
+        if (layer, ridge) not in self._inverses:
+            R = self.moments[layer].double()
+            scale = float(R.diagonal().mean()) or 1.0
+            eye = torch.eye(len(R), dtype=R.dtype)
+            self._inverses[layer, ridge] = torch.linalg.inv(R + ridge * scale * eye).float()
+        return self._inverses[layer, ridge]
+
+
+def accumulate_output_fisher(lm: LoadedModel, windows: list[tuple[int, ...]], *, progress: bool = True) -> dict[int, torch.Tensor]:
+    """R_l = (1/N) Σ g gᵀ over every position of every window: one backward pass per batch of windows, the
+    labels drawn from the model's own next-token distribution (seeded: the same model gives the same R)."""
+    arch, layers = lm.arch, list(range(lm.arch.n_layers))
+    sums = {l: torch.zeros(arch.d_model, arch.d_model, dtype=torch.float64) for l in layers}
+    generator = torch.Generator().manual_seed(FISHER_SEED)
+    n = 0
+
+    def reader(layer):
+        def accumulate(g: torch.Tensor) -> None:   # returns None: the gradient itself flows on unchanged
+            g = g.reshape(-1, g.shape[-1]).double()
+            sums[layer].addmm_(g.T, g)
+
+        def hook(module, inputs, output):
+            output.register_hook(accumulate)
+        return hook
+
+    handles = [arch.out_proj(l).register_forward_hook(reader(l)) for l in layers]
+    embed = lm.model.get_input_embeddings()
+    handles.append(embed.register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True)))
+    bar = tqdm(total=len(windows) * (len(windows[0]) if windows else 0), unit="tok", disable=not progress,
+               desc="output statistic (once per model)")
+    trainable = [p for p in lm.model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        batch = logits_batch(lm, len(windows[0])) if windows else 1
+        for b in range(0, len(windows), batch):
+            ids = torch.tensor(windows[b : b + batch])
+            logits = lm.model(input_ids=ids).logits.float()
+            with torch.no_grad():
+                labels = torch.multinomial(logits.reshape(-1, logits.shape[-1]).softmax(-1), 1, generator=generator)
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.flatten(),
+                                              reduction="sum").backward()
+            n += ids.numel()
+            bar.update(ids.numel())
+    finally:
+        for h in handles:
+            h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+        bar.close()
+    return {l: (s / max(n, 1)).float() for l, s in sums.items()}
+
+
+def output_fisher(lm: LoadedModel, *, progress: bool = True) -> OutputFisher:
+    """The model's output statistic: from memory, else from the cache, else computed (and cached), like C."""
+    spec = _fisher_spec(lm)
+    key = ("output_fisher", spec)
+    if key in lm.cache:
+        return lm.cache[key]
+    windows = corpus_windows(lm, spec)
+    if not windows:
+        raise RuntimeError("the code corpus is empty: no Python standard library found")
+    digest = windows_digest(windows)
+    n_tokens = sum(map(len, windows))
+    meta = _expected_meta(lm, digest, n_tokens, width=lm.arch.d_model)
+    path = _cache_file(lm, digest, "output-fisher")
+    moments = _read_cache(path, meta, lm.arch.n_layers, lm.arch.d_model)
+    if moments is None:
+        moments = accumulate_output_fisher(lm, windows, progress=progress)
+        try:
+            _write_cache(path, moments, meta)
+        except OSError:
+            pass   # as for C: still used, recomputed next time
+        moments = {l: m.to(torch.bfloat16) for l, m in moments.items()}   # as a reload has them
+    stat = OutputFisher({l: m.float() for l, m in moments.items()}, n_tokens)
+    lm.cache[key] = stat
+    return stat

@@ -4,6 +4,8 @@ statistic is cached and never trusted when broken."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -85,11 +87,16 @@ def test_the_natural_direction_drops_the_loss_most_per_unit_of_corpus_change():
     assert drop(D) > 1.5 * drop(plain)
 
 
-def test_the_least_change_patch_meets_the_linearised_margins_with_the_least_corpus_change():
+@pytest.mark.parametrize("output", ["identity", "fisher"])
+def test_the_least_change_patch_meets_the_linearised_margins_with_the_least_corpus_change(output):
+    """tr(R ΔW Q ΔWᵀ) is least among the patches with the same first-order margins (R = I, or an output metric)."""
     g = torch.Generator().manual_seed(9)
     n, d, k = 4, 6, 20
     J = {l: torch.randn(n, d, k, generator=g) for l in range(2)}
     metrics = {l: protected_metric(_spd(k, 10 + l), "covariance", ridge=1e-2, threshold=0.0) for l in J}
+    R = {l: _spd(d, 20 + l) + 1e-2 * torch.eye(d) if output == "fisher" else torch.eye(d) for l in J}
+    if output == "fisher":
+        metrics = {l: replace(m, output_inverse=torch.linalg.inv(R[l])) for l, m in metrics.items()}
     current = {l: torch.randn(d, k, generator=g) for l in J}
     shortfall = torch.randn(n, generator=g)
     W = least_change_patch(J, metrics, shortfall, current, damping=0.0)
@@ -97,7 +104,7 @@ def test_the_least_change_patch_meets_the_linearised_margins_with_the_least_corp
     delta = {l: W[l] - current[l] for l in J}
     torch.testing.assert_close(effect(delta), shortfall, atol=1e-3, rtol=1e-3)
     Q = {l: torch.linalg.inv(metrics[l].inverse.double()).float() for l in J}
-    cost = lambda X: sum(float((X[l] @ Q[l] * X[l]).sum()) for l in J)
+    cost = lambda X: sum(float((R[l] @ X[l] @ Q[l] * X[l]).sum()) for l in J)
     # Any other patch with the same first-order margins (W plus a change J cannot see) costs more.
     flat = torch.cat([J[l].flatten(1) for l in J], 1)
     free = torch.randn(flat.shape[1], generator=g)
@@ -106,6 +113,10 @@ def test_the_least_change_patch_meets_the_linearised_margins_with_the_least_corp
     other = {l: W[l] + 0.1 * split[l].reshape(d, k) for l in J}
     torch.testing.assert_close(effect(other), effect(W), atol=1e-3, rtol=1e-3)
     assert cost(other) > cost(W)
+    # The optimality condition itself: R W Q is a combination of the margin gradients.
+    grad = torch.cat([(R[l] @ W[l] @ Q[l]).flatten() for l in J])
+    lam = torch.linalg.lstsq(flat.T, grad).solution
+    torch.testing.assert_close(flat.T @ lam, grad, atol=1e-3, rtol=1e-3)
 
 
 def test_least_change_keeps_only_steps_that_shrink_the_shortfall_or_keep_the_fix(tiny_llama, small_stat, monkeypatch):
@@ -362,3 +373,25 @@ def test_each_positions_margin_gradient_is_taken_through_its_own_sequence_alone(
                 for l, grad in zip(layers, torch.autograd.grad(alone[i], params, retain_graph=True)):
                     torch.testing.assert_close(J[l][p], lm.arch.as_columns(l, grad)[:, neurons[l]])
                 p += 1
+
+
+def test_the_output_statistic_is_a_seeded_second_moment_and_a_broken_cache_is_rebuilt(tiny_llama, small_stat, monkeypatch):
+    from star_engine import protect
+    from star_engine.model import cache_root
+
+    monkeypatch.setattr(protect, "_fisher_spec", lambda lm: CorpusSpec(split="stat", n_tokens=512, window=64))
+    R = protect.output_fisher(tiny_llama, progress=False).moments
+    d = tiny_llama.arch.d_model
+    assert sorted(R) == list(range(tiny_llama.arch.n_layers)) and all(r.shape == (d, d) for r in R.values())
+    for r in R.values():
+        torch.testing.assert_close(r, r.T)
+        assert float(torch.linalg.eigvalsh(r.double()).min()) > -1e-2 * float(r.diagonal().max()) and float(r.trace()) > 0
+    [path] = (cache_root() / "stats").glob(f"{tiny_llama.name}-*-output-fisher.safetensors")
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])                      # truncated: recomputed, the same values
+    tiny_llama.cache.clear()
+    again = protect.output_fisher(tiny_llama, progress=False).moments
+    assert all(torch.equal(again[l], R[l]) for l in R)
+    tiny_llama.cache.clear()                                      # the rebuilt file is read, not recomputed
+    monkeypatch.setattr(protect, "accumulate_output_fisher", lambda *a, **k: pytest.fail("recomputed"))
+    assert all(torch.equal(protect.output_fisher(tiny_llama, progress=False).moments[l], R[l]) for l in R)

@@ -67,6 +67,7 @@ ABLATION: list[tuple[str, dict]] = [
     ("star[local: greedy 460, covariance, natural]", _LOCAL | {"sparsity": "greedy", "neurons": "460", "protect": "covariance", "direction": "natural", "lr": "1.0"}),
     ("star[local: fisher 460, covariance, least change]", _LOCAL | {"sparsity": "fisher", "neurons": "460", "protect": "covariance", "step_rule": "least_change", "steps": "20"}),
     ("star[local: fisher 460, covariance, least change, keep rows]", _LOCAL | {"sparsity": "fisher", "neurons": "460", "protect": "covariance", "step_rule": "least_change", "steps": "20", "keep_rows": "256"}),
+    ("star[local: fisher 460, covariance, least change, output fisher]", _LOCAL | {"sparsity": "fisher", "neurons": "460", "protect": "covariance", "step_rule": "least_change", "steps": "20", "output_metric": "fisher"}),
     ("star[local: fisher 192, covariance, least change]", _LOCAL | {"sparsity": "fisher", "neurons": "192", "protect": "covariance", "step_rule": "least_change", "steps": "20"}),
     ("star[previous default: dense, covariance, seme]", _LOCAL | {"sparsity": "none", "protect": "covariance", "direction": "seme", "step_rule": "fixed"}),
 ]

@@ -65,6 +65,15 @@ class StarConfig:
                           "corpus, MEMIT-style), nullspace (only corpus-unused directions, AlphaEdit-style), "
                           "none (the paper's plain minimum norm)"},
     )
+    output_metric: Literal["none", "fisher"] = field(
+        default="fisher",
+        metadata={"help": "least_change / natural steps and the fisher selection: how a change of a layer's output "
+                          "counts. none: every direction of the residual stream the same (the least change of the "
+                          "layer's output on the corpus); fisher: weighted by how much it moves the model's "
+                          "predictions there, R_l = E[g gᵀ] with g the gradient of a sampled next-token loss w.r.t. "
+                          "the layer's FFN output (K-FAC's output factor: the least expected KL on normal code)"},
+    )
+    output_ridge: float = field(default=1e-1, metadata={"help": "output_metric=fisher: mu of R + mu mean(diag R) I"})
     ridge: float = field(default=1e-2, metadata={"help": "covariance: lambda of C + lambda mean(diag C) I; nullspace: the weight left to used directions"})
     nullspace_threshold: float = field(default=2e-2, metadata={"help": "nullspace: eigenvalues below this share of the largest count as unused"})
     keep_weight: float = field(

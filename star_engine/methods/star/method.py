@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ...hooks import record_activations
 from ...locate import (contrast_neurons, ffn_skip_losses, fisher_neurons, greedy_neurons, neuron_masks, neuron_scores,
                        top_layers)
-from ...protect import corpus_statistic
+from ...protect import corpus_statistic, output_fisher
 from ...semantic import semantic_steer
 from ...session import RepairSession
 from ..base import RepairMethod
@@ -397,7 +397,7 @@ class StarMethod(RepairMethod):
             if cfg.sparsity == "fisher":
                 diag = {l: stat.diag(l) for l in layers}
                 floor = {l: d + cfg.ridge * float(d.mean()) for l, d in diag.items()}
-                return fisher_neurons(grads, floor, cfg.neurons)
+                return fisher_neurons(grads, floor, cfg.neurons, self._output_inverses(session, layers))
             column, diag = self._metric_columns(session, layers)
             return greedy_neurons(grads, column, diag, cfg.neurons)
         ids, span = problem.inputs[0], problem.spans[0]
@@ -428,16 +428,25 @@ class StarMethod(RepairMethod):
 
     def _metrics(self, session: RepairSession, neurons: dict[int, torch.Tensor]) -> dict[int, Metric]:
         cfg = self.config
+        outputs = self._output_inverses(session, sorted(neurons)) or {}
         if cfg.protect == "none":
-            return {l: Metric(None) for l in neurons}
+            return {l: Metric(None, outputs.get(l)) for l in neurons}
         stat = corpus_statistic(session.lm)
         keep = self._keep_rows(session, sorted(neurons)) if cfg.keep_weight > 0 else {}
         return {
-            l: protected_metric(stat.block(l, idx), cfg.protect, ridge=cfg.ridge,
-                                threshold=cfg.nullspace_threshold,
-                                keep=keep[l][:, idx] if l in keep else None, keep_weight=cfg.keep_weight)
+            l: replace(protected_metric(stat.block(l, idx), cfg.protect, ridge=cfg.ridge,
+                                        threshold=cfg.nullspace_threshold,
+                                        keep=keep[l][:, idx] if l in keep else None, keep_weight=cfg.keep_weight),
+                       output_inverse=outputs.get(l))
             for l, idx in neurons.items()
         }
+
+    def _output_inverses(self, session: RepairSession, layers: list[int]) -> dict[int, torch.Tensor] | None:
+        """R_l⁻¹ per layer (output_metric=fisher), else None."""
+        if self.config.output_metric == "none":
+            return None
+        fisher = output_fisher(session.lm)
+        return {l: fisher.inverse(l, self.config.output_ridge) for l in layers}
 
     @staticmethod
     @torch.no_grad()

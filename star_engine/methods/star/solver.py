@@ -15,8 +15,9 @@ The elementwise sign scrambles the prior's protection, so with a protected metri
 again: the change with the smallest Q-norm that has the same effect as D_l at the steered positions and
 none at the keep rows. W_l <- W_l + eta * that.
 
-    N_l = -G_l Q_l⁻¹                                (direction=natural: the steepest loss descent per unit
-                                                    of change on normal code, no semantic steer)
+    N_l = -R_l⁻¹ G_l Q_l⁻¹                          (direction=natural: the steepest loss descent per unit
+                                                    of change on normal code, no semantic steer; R_l the
+                                                    output metric, I unless output_metric=fisher)
 """
 
 from __future__ import annotations
@@ -43,13 +44,25 @@ def min_norm_prior(Z: torch.Tensor, S: torch.Tensor, mask: torch.Tensor | None =
 
 @dataclass
 class Metric:
-    """Q⁻¹ over one layer's patchable neurons (None: the identity, the paper's plain minimum norm)."""
+    """Q⁻¹ over one layer's patchable neurons and R⁻¹ over its output (None: the identity; Q = R = I is the
+    paper's plain minimum norm). A change ΔW (d x k) costs tr(R ΔW Q ΔWᵀ)."""
 
     inverse: torch.Tensor | None
+    output_inverse: torch.Tensor | None = None
 
     def apply(self, X: torch.Tensor) -> torch.Tensor:
         """Q⁻¹ X for X (k, n)."""
         return X if self.inverse is None else self.inverse @ X
+
+    def apply_output(self, X: torch.Tensor) -> torch.Tensor:
+        """R⁻¹ X for X (..., d, k)."""
+        return X if self.output_inverse is None else self.output_inverse @ X
+
+    def natural(self, X: torch.Tensor) -> torch.Tensor:
+        """R⁻¹ X Q⁻¹ for X (..., d, k): a gradient turned into the change it asks for in this metric."""
+        k = X.shape[-1]
+        right = self.apply(X.reshape(-1, k).T).T.reshape(X.shape)   # Q⁻¹ is symmetric
+        return self.apply_output(right)
 
 
 def protected_metric(C: torch.Tensor | None, kind: Protect, *, ridge: float, threshold: float,
@@ -97,7 +110,7 @@ def realise(D: torch.Tensor, Z: torch.Tensor, steered: torch.Tensor, metric: Met
 def natural_direction(G: dict[int, torch.Tensor], metrics: dict[int, Metric], loss: float) -> dict[int, torch.Tensor]:
     """-G_l Q_l⁻¹ for every layer: the steepest descent of the loss per unit of change on normal code, scaled
     so that its first-order loss drop at step 1 is the whole loss (eta = 1 would fix it if it were linear)."""
-    D = {l: -metrics[l].apply(G[l].T).T for l in G}
+    D = {l: -metrics[l].natural(G[l]) for l in G}
     drop = -sum(float((G[l] * D[l]).sum()) for l in G)
     return {l: d * (loss / drop) for l, d in D.items()} if drop > 0 else D
 
@@ -117,14 +130,14 @@ def least_change_patch(J: dict[int, torch.Tensor], metrics: dict[int, Metric], s
                        current: dict[int, torch.Tensor], damping: float = 1e-6) -> dict[int, torch.Tensor]:
     """One Gauss-Newton step on the margins, towards the patch with the least change on normal code.
 
-        ΔW = argmin Σ_l tr(ΔW_l Q_l ΔW_lᵀ)  subject to  J (ΔW - ΔW_k) = shortfall
-           = Σ_p λ_p J_p,l Q_l⁻¹,           λ = (J Q⁻¹ Jᵀ)⁻¹ (shortfall + J ΔW_k)
+        ΔW = argmin Σ_l tr(R_l ΔW_l Q_l ΔW_lᵀ)  subject to  J (ΔW - ΔW_k) = shortfall
+           = Σ_p λ_p R_l⁻¹ J_p,l Q_l⁻¹,        λ = (⟨J, R⁻¹ J Q⁻¹⟩)⁻¹ (shortfall + J ΔW_k)
 
     J[l] (n, d, k): the gradient of each constrained position's soft margin (target logit minus the
     log-sum-exp of the others) with respect to layer l's patchable columns; shortfall (n,): what each margin lacks; current[l] (d, k):
     ΔW_k, the patch so far. Solving for the whole patch, not an increment, lets each step also undo the
     parts of earlier steps the margins no longer need."""
-    JQ = {l: metrics[l].apply(J[l].reshape(-1, J[l].shape[-1]).T).T.reshape(J[l].shape) for l in J}
+    JQ = {l: metrics[l].natural(J[l]) for l in J}
     gram = sum(J[l].flatten(1).double() @ JQ[l].flatten(1).double().T for l in J)
     moved = sum(J[l].flatten(1).double() @ current[l].flatten().double() for l in J)
     gram += damping * float(gram.diagonal().mean()) * torch.eye(len(gram), dtype=gram.dtype)
