@@ -35,9 +35,11 @@ class Variant:
 
 # The STAR ablation grid (star_method.md §2): layer selection, neuron sparsity, token vs batch mode.
 # Every entry spells out the settings it ablates, so the grid does not move when the defaults do.
-_PAPER_STEP = {"protect": "none", "direction": "seme", "step_rule": "fixed", "steps": "10", "keep_rows": "0"}
+_PAPER_STEP = {"protect": "none", "output_metric": "none", "direction": "seme", "step_rule": "fixed", "steps": "10",
+               "keep_rows": "0"}
 _DENSE = {"mode": "token", "layer_ratio": "1.0", "sparsity": "none"} | _PAPER_STEP
-_LOCAL = {"mode": "batch", "layer_ratio": "1.0", "step_rule": "minimal", "steps": "10", "keep_rows": "0"}
+_LOCAL = {"mode": "batch", "layer_ratio": "1.0", "step_rule": "minimal", "steps": "10", "keep_rows": "0",
+          "output_metric": "none", "neurons": "460"}
 ABLATION: list[tuple[str, dict]] = [
     ("star[all layers, dense, token]", _DENSE),
     ("star[top 1/4 layers]", _DENSE | {"layer_ratio": "0.25"}),
@@ -68,6 +70,7 @@ ABLATION: list[tuple[str, dict]] = [
     ("star[local: fisher 460, covariance, least change]", _LOCAL | {"sparsity": "fisher", "neurons": "460", "protect": "covariance", "step_rule": "least_change", "steps": "20"}),
     ("star[local: fisher 460, covariance, least change, keep rows]", _LOCAL | {"sparsity": "fisher", "neurons": "460", "protect": "covariance", "step_rule": "least_change", "steps": "20", "keep_rows": "256"}),
     ("star[local: fisher 460, covariance, least change, output fisher]", _LOCAL | {"sparsity": "fisher", "neurons": "460", "protect": "covariance", "step_rule": "least_change", "steps": "20", "output_metric": "fisher"}),
+    ("star[local: fisher 368, covariance, least change, output fisher]", _LOCAL | {"sparsity": "fisher", "neurons": "368", "protect": "covariance", "step_rule": "least_change", "steps": "20", "output_metric": "fisher"}),
     ("star[local: fisher 192, covariance, least change]", _LOCAL | {"sparsity": "fisher", "neurons": "192", "protect": "covariance", "step_rule": "least_change", "steps": "20"}),
     ("star[previous default: dense, covariance, seme]", _LOCAL | {"sparsity": "none", "protect": "covariance", "direction": "seme", "step_rule": "fixed"}),
 ]

@@ -56,8 +56,9 @@ class StarConfig:
                           "picked, so corpus correlations count), global / layer (grad x activation masks of the "
                           "paper, `sparsity_ratio` of them)"},
     )
-    neurons: int = field(default=460, metadata={"help": "contrast / fisher / greedy: neurons per patch over all "
-                                                        "layers (460 = 1 % of the default model's FFN neurons)"})
+    neurons: int = field(default=368, metadata={"help": "contrast / fisher / greedy: neurons per patch over all "
+                                                        "layers (368 = 0.8 % of the default model's FFN neurons: "
+                                                        "its adapter just under 1 MB)"})
     sparsity_ratio: float = field(default=0.25, metadata={"help": "global / layer: rho, share of d_ff neurons kept by the mask"})
     protect: Literal["covariance", "nullspace", "none"] = field(
         default="covariance",
