@@ -177,6 +177,17 @@ def test_a_repair_verifies_the_weights_its_adapter_reloads_in_one_byte_a_and_flo
     assert complete(fresh, CASES[0].prompt) == CASES[0].fix
 
 
+def test_the_stack_does_not_keep_a_patch_it_would_refuse_to_reload(tiny_llama, tmp_path):
+    stack = PatchStack(tiny_llama, tmp_path / "adapters")
+    stack.load()
+    before = snapshot(tiny_llama)
+    result = fake_result(tiny_llama, hand_patch(tiny_llama, scale=1e4))   # applied, as a repair leaves it
+    with pytest.raises(AdapterError, match=r"layer 1: the adapter moves neuron \d+ by .*x the norm of its column"):
+        stack.add(result)
+    assert same_weights(tiny_llama, before) and stack.applied == []
+    assert [p.name for p in (tmp_path / "adapters").iterdir() if not p.name.startswith(".")] == []
+
+
 def test_save_refuses_an_unfixed_result_and_an_existing_directory(tiny_llama, tmp_path):
     result = fake_result(tiny_llama, hand_patch(tiny_llama))
     save_adapter(tiny_llama, result, tmp_path / "fix")

@@ -40,6 +40,7 @@ from .format import (
     MAX_BYTES,
     Adapter,
     AdapterError,
+    check_delta_bound,
     encode_result,
     layer_digest,
     load_adapter,
@@ -366,6 +367,12 @@ class PatchStack:
             # Back to the stack's state exactly, then re-add the delta the way a reload would.
             restore_columns(self.lm.arch, result.saved)
             with self._synced():
+                try:     # what a reload would refuse is not saved either
+                    for layer, ld in result.patch.layers.items():
+                        check_delta_bound(layer, ld.columns, ld.delta, self.lm.arch.columns(layer))
+                except AdapterError:
+                    self._apply_state(self._applied)
+                    raise
                 self._remember_base(result.patch)
                 encoded = encode_result(self.lm, result, name=name, base_digest=self.base_digest)
                 adapter_id = encoded.default_id()
