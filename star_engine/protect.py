@@ -88,14 +88,14 @@ def _cache_file(lm: LoadedModel, corpus_digest: str, kind: str = "") -> Path:
     return cache_root() / "stats" / f"{lm.name.replace('/', '_')[:40]}-{key}{suffix}.safetensors"
 
 
-def _expected_meta(lm: LoadedModel, corpus_digest: str, n_tokens: int, width: int | None = None) -> dict[str, str]:
+def _expected_meta(lm: LoadedModel, corpus_digest: str, n_tokens: int, width: int) -> dict[str, str]:
     return {
         "version": str(STAT_VERSION),
         "model_fingerprint": model_fingerprint(lm),
         "corpus_digest": corpus_digest,
         "n_tokens": str(n_tokens),
         "n_layers": str(lm.arch.n_layers),
-        "d_ff": str(lm.arch.d_ff if width is None else width),
+        "d_ff": str(width),
     }
 
 
@@ -163,26 +163,31 @@ def corpus_statistic(lm: LoadedModel, *, progress: bool = True, spec: CorpusSpec
     """The model's protected statistic: from memory, else from the cache, else computed (and cached)."""
     spec = spec or _default_spec(lm)
     key = ("corpus_statistic", spec)
-    if key in lm.cache:
-        return lm.cache[key]
+    if key not in lm.cache:
+        moments, n_tokens = _cached_moments(lm, spec, "", lm.arch.d_ff, accumulate_second_moments, progress)
+        lm.cache[key] = CorpusStatistic(moments, n_tokens)
+    return lm.cache[key]
+
+
+def _cached_moments(lm: LoadedModel, spec: CorpusSpec, kind: str, width: int, accumulate, progress: bool):
+    """({layer: (width, width) bfloat16}, n_tokens): read from the cache file of this model, corpus and kind,
+    else accumulated over the corpus windows and written there."""
     windows = corpus_windows(lm, spec)
     if not windows:
         raise RuntimeError("the code corpus is empty: no Python standard library found")
     digest = windows_digest(windows)
     n_tokens = sum(map(len, windows))
-    meta = _expected_meta(lm, digest, n_tokens)
-    path = _cache_file(lm, digest)
-    moments = _read_cache(path, meta, lm.arch.n_layers, lm.arch.d_ff)
+    meta = _expected_meta(lm, digest, n_tokens, width=width)
+    path = _cache_file(lm, digest, kind)
+    moments = _read_cache(path, meta, lm.arch.n_layers, width)
     if moments is None:
-        moments = accumulate_second_moments(lm, windows, progress=progress)
+        moments = accumulate(lm, windows, progress=progress)
         try:
             _write_cache(path, moments, meta)
         except OSError:
             pass   # a read-only or full cache: the statistic is still used, just recomputed next time
         moments = {l: moments.pop(l).to(torch.bfloat16) for l in sorted(moments)}   # as a reload has them
-    stat = CorpusStatistic(moments, n_tokens)
-    lm.cache[key] = stat
-    return stat
+    return moments, n_tokens
 
 
 def _default_spec(lm: LoadedModel) -> CorpusSpec:
@@ -289,23 +294,8 @@ def output_fisher(lm: LoadedModel, *, progress: bool = True) -> OutputFisher:
     """The model's output statistic: from memory, else from the cache, else computed (and cached), like C."""
     spec = _fisher_spec(lm)
     key = ("output_fisher", spec)
-    if key in lm.cache:
-        return lm.cache[key]
-    windows = corpus_windows(lm, spec)
-    if not windows:
-        raise RuntimeError("the code corpus is empty: no Python standard library found")
-    digest = windows_digest(windows)
-    n_tokens = sum(map(len, windows))
-    meta = _expected_meta(lm, digest, n_tokens, width=lm.arch.d_model)
-    path = _cache_file(lm, digest, "output-fisher")
-    moments = _read_cache(path, meta, lm.arch.n_layers, lm.arch.d_model)
-    if moments is None:
-        moments = accumulate_output_fisher(lm, windows, progress=progress)
-        try:
-            _write_cache(path, moments, meta)
-        except OSError:
-            pass   # as for C: still used, recomputed next time
-        moments = {l: m.to(torch.bfloat16) for l, m in moments.items()}   # as a reload has them
-    stat = OutputFisher({l: m.float() for l, m in moments.items()}, n_tokens)
-    lm.cache[key] = stat
-    return stat
+    if key not in lm.cache:
+        moments, n_tokens = _cached_moments(lm, spec, "output-fisher", lm.arch.d_model, accumulate_output_fisher,
+                                            progress)
+        lm.cache[key] = OutputFisher({l: m.float() for l, m in moments.items()}, n_tokens)
+    return lm.cache[key]
