@@ -32,13 +32,19 @@ def record_activations(arch: Arch, layers: Iterable[int], grads: bool = False) -
     for layer in layers:
         handles.append(arch.out_proj(layer).register_forward_pre_hook(reader(layer)))
     if grads:
-        embed = arch.model.get_input_embeddings()
-        handles.append(embed.register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True)))
+        handles.append(graph_from_the_embeddings(arch.model))
     try:
         yield acts
     finally:
         for h in handles:
             h.remove()
+
+
+def graph_from_the_embeddings(model):
+    """Make the input embeddings require grad, so every activation after them is part of the autograd graph
+    even when no parameter requires grad. Returns the hook's handle (remove it to undo)."""
+    embed = model.get_input_embeddings()
+    return embed.register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True))
 
 
 @contextmanager

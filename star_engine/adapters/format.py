@@ -7,8 +7,8 @@ Encoding (per patched layer, whichever is smaller; both are exact and vanilla `p
             = the delta columns;
 * identity: r = d, lora_B = I_d, lora_A (d, d_ff) = the dense delta (untouched columns zero).
 
-Deltas are float16 (a repair rounds them so before it verifies the fix, star_engine.patch), float32 when a
-value does not fit; loading casts every factor to float32, as peft's own loading does.
+Deltas are float16 (a repair rounds them to it before it verifies the fix, star_engine.patch), float32 when
+a value does not fit; loading casts every factor to float32, as peft's own loading does.
 
 `lora_alpha = r` per module through `rank_pattern` / `alpha_pattern`, so PEFT's scale is exactly 1 and the
 applied delta is B @ A. Reading never unpickles: only safetensors, whose header is checked before any tensor
