@@ -114,6 +114,17 @@ def test_bench_on_a_tiny_model_writes_every_output(monkeypatch, tiny_llama, reco
         assert (tmp_path / "a" / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_sequential_only_runs_the_cases_in_a_row_and_reports_that_table_first(monkeypatch, tiny_llama, records_file,
+                                                                              tmp_path, capsys):
+    res = _run(monkeypatch, tiny_llama, records_file, tmp_path / "s", "--sequential-only", "--methods", "star")
+    assert set(res) == {"star", "meta"} and set(res["star"]) == {"sequential"}
+    seq = res["star"]["sequential"]
+    assert seq["kept"] + seq["refused"] + seq["unfixed"] + seq["already_written"] == 3
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "## Locality" not in report and not list((tmp_path / "s").glob("*.png"))
+    assert "| star | 3 |" in capsys.readouterr().out      # the printed table is the sequential one
+
+
 def test_sequential_run_can_leave_its_stack_in_a_folder(tiny_llama, records_file, tmp_path):
     data = bench_data.build(tiny_llama, bench_data.load_records(records_file), kind="python", limit=3, seed=0,
                             n_controls=0)

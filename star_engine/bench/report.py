@@ -174,9 +174,11 @@ DEFINITIONS = """\
 
 
 def write(out: Path, results: dict, meta: dict) -> None:
+    """The first table is the independent-mode one, or the sequential one when only that ran."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results | {"meta": meta}, indent=2))
-    plots = plot(results, out)
+    independent = {label: r for label, r in results.items() if "fix_rate" in r}
+    plots = plot(independent, out) if independent else []
     ratios, method_ratios = meta.get("time_ratios", {}), meta.get("method_time_ratios", {})
     lines = [
         f"# Repair benchmark: {meta['data']}",
@@ -187,21 +189,23 @@ def write(out: Path, results: dict, meta: dict) -> None:
         "",
         f"Command: `{meta['command']}`",
         "",
-        table(results),
-        "",
     ]
+    seq = sequential_table(results)
+    if independent:
+        lines += [table(independent), ""]
     if ratios:
         lines += ["Time ratios (same run): " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()), ""]
     if method_ratios:
         lines += ["Method-time ratios (same run, the driver's shared checks left out): "
                   + ", ".join(f"{k} = {v:.2f}" for k, v in method_ratios.items()), ""]
-    if len(results) > 1:
+    if len(independent) > 1:
         lines += ["Ranked by the selection rule (fix rate, EM after, controls unchanged, mean |Δlog-lik|, "
-                  "s / case): " + " > ".join(f"`{label}`" for label in ranking(results)), ""]
-    lines += ["## Locality (held-out code corpus, per kept patch)", "", locality_table(results), ""]
-    seq = sequential_table(results)
+                  "s / case): " + " > ".join(f"`{label}`" for label in ranking(independent)), ""]
+    if independent:
+        lines += ["## Locality (held-out code corpus, per kept patch)", "", locality_table(independent), ""]
     if seq:
-        lines += ["## Sequential mode (one repair after another through the patch stack)", "", seq, ""]
+        heading = ["## Sequential mode (one repair after another through the patch stack)", ""] if independent else []
+        lines += heading + [seq, ""]
     lines += [f"![{p}]({p})" for p in plots] + [""]
     lines.append(DEFINITIONS.format(max_tokens=meta["max_target_tokens"], n_controls=meta["n_controls"]))
     (out / "report.md").write_text("\n".join(lines))
