@@ -40,6 +40,27 @@ def record_activations(arch: Arch, layers: Iterable[int], grads: bool = False) -
             h.remove()
 
 
+@contextmanager
+def record_projections(arch: Arch, layers: Iterable[int]) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Yields {layer: (z, y)}, the input (batch, positions, d_ff; detached) and the output (batch, positions, d)
+    of each output projection in the next forward pass. The embeddings require grad, so a gradient with
+    respect to y can be taken while no weight requires one."""
+    io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def reader(layer):
+        def hook(module, inputs, output):
+            io[layer] = (inputs[0].detach(), output)
+        return hook
+
+    handles = [arch.out_proj(l).register_forward_hook(reader(l)) for l in layers]
+    handles.append(graph_from_the_embeddings(arch.model))
+    try:
+        yield io
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def graph_from_the_embeddings(model):
     """Make the input embeddings require grad, so every activation after them is part of the autograd graph
     even when no parameter requires grad. Returns the hook's handle (remove it to undo)."""

@@ -88,3 +88,37 @@ def test_span_logits_are_the_full_passes_logits_at_the_predicting_positions(tiny
         for span in (slice(7, 11), slice(11, None)):    # batch mode's spans, token mode's last position
             full = tiny_lm.model(input_ids=ids).logits[0, span]
             torch.testing.assert_close(_span_logits(tiny_lm.model, ids, span), full)
+
+
+def test_margin_jacobian_is_each_margins_weight_gradient_at_the_patchable_columns(tiny_lm):
+    """The least-change step's Jacobian (one batched backward pass per sequence, through y = W z) against the
+    plain way: one backward pass per margin, the full weight gradient, its patchable columns."""
+    from types import SimpleNamespace
+
+    from star_engine.methods.star.method import StarMethod, _Problem, _soft_margins, _span_logits
+
+    arch, g = tiny_lm.arch, torch.Generator().manual_seed(1)
+    layers = [0, arch.n_layers - 1]
+    neurons = {l: torch.randperm(arch.d_ff, generator=g)[:5].sort().values for l in layers}
+    inputs = [torch.randint(0, 100, (1, n), generator=g) for n in (9, 6)]
+    spans = [slice(4, 8), slice(5, None)]
+    problem = _Problem(inputs, spans, torch.randint(0, 100, (5,), generator=g))
+    wanted = torch.full((5,), float("inf"))        # every position constrained
+    session = SimpleNamespace(arch=arch, lm=tiny_lm)
+    _, margins, J, constrained = StarMethod._margin_jacobian(None, session, problem, layers, neurons, wanted)
+    assert constrained.tolist() == [0, 1, 2, 3, 4] and all(J[l].shape == (5, arch.d_model, 5) for l in layers)
+
+    params = [arch.weight(l) for l in layers]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        expected_margins = torch.cat([_soft_margins(_span_logits(tiny_lm.model, ids, span), t)
+                                      for ids, span, t in zip(inputs, spans, problem.target.split([4, 1]))])
+        torch.testing.assert_close(margins, expected_margins.detach())
+        for p_ in range(5):
+            grads = torch.autograd.grad(expected_margins[p_], params, retain_graph=True)
+            for l, grad in zip(layers, grads):
+                torch.testing.assert_close(J[l][p_], arch.as_columns(l, grad)[:, neurons[l]])
+    finally:
+        for p in params:
+            p.requires_grad_(False)

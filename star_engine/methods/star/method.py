@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ...hooks import record_activations
+from ...hooks import record_activations, record_projections
 from ...locate import (contrast_neurons, ffn_skip_losses, fisher_neurons, greedy_neurons, neuron_masks, neuron_scores,
                        top_layers)
 from ...protect import corpus_statistic, output_fisher
@@ -333,22 +333,31 @@ class StarMethod(RepairMethod):
     def _margin_jacobian(self, session, problem, layers, neurons, wanted):
         """The logits and soft margins at every predicting position, and for the positions within `_BAND` of
         their wanted margin (or under it) the gradient of each soft margin with respect to the patchable
-        columns: {layer: (n, d, k)}. The margins are taken per sequence, so that a position's backward pass
-        runs through its own sequence only (not through every earlier fix's as well)."""
-        arch = session.arch
-        sizes = [len(range(ids.shape[1])[span]) for ids, span in zip(problem.inputs, problem.spans)]
-        where = [(s, i) for s, n in enumerate(sizes) for i in range(n)]   # position -> (sequence, index in it)
-        with session.trainable(layers) as params:
-            logits = [_span_logits(session.lm.model, ids, span) for ids, span in zip(problem.inputs, problem.spans)]
-            margins = [_soft_margins(l, t) for l, t in zip(logits, problem.target.split(sizes))]
-            constrained = (torch.cat(margins).detach() < wanted + _BAND).nonzero().flatten()
-            J = {l: [] for l in layers}
-            for p in constrained.tolist():
-                s, i = where[p]
-                for l, g in zip(layers, torch.autograd.grad(margins[s][i], params, retain_graph=True)):
-                    J[l].append(arch.as_columns(l, g)[:, neurons[l]])
-        J = {l: torch.stack(rows) if rows else torch.empty(0, arch.d_model, len(neurons[l])) for l, rows in J.items()}
-        return torch.cat(logits).detach(), torch.cat(margins).detach(), J, constrained
+        columns: {layer: (n, d, k)}. By the chain rule through y = W z, that gradient is sum_t g_t z_t[cols]^T
+        with g_t the margin's gradient at the projection's output: one batched backward pass per sequence
+        (through that sequence only) gives every position's g, and the full (d, d_ff) weight gradient is
+        never formed."""
+        logits, margins, constrained, J = [], [], [], {l: [] for l in layers}
+        start = 0
+        with torch.enable_grad(), record_projections(session.arch, layers) as io:
+            for ids, span, target in zip(problem.inputs, problem.spans, problem.target.split(
+                    [len(range(ids.shape[1])[span]) for ids, span in zip(problem.inputs, problem.spans)])):
+                seq_logits = _span_logits(session.lm.model, ids, span)
+                seq_margins = _soft_margins(seq_logits, target)
+                rows = (seq_margins.detach() < wanted[start : start + len(target)] + _BAND).nonzero().flatten()
+                if len(rows):
+                    seeds = torch.eye(len(target))[rows]
+                    outputs = torch.autograd.grad(seq_margins, [io[l][1] for l in layers], grad_outputs=seeds,
+                                                  is_grads_batched=True)
+                    for l, g in zip(layers, outputs):
+                        J[l].append(torch.einsum("ntd,tk->ndk", g[:, 0], io[l][0][0][:, neurons[l]]))
+                logits.append(seq_logits.detach())
+                margins.append(seq_margins.detach())
+                constrained.append(rows + start)
+                start += len(target)
+        d = session.arch.d_model
+        J = {l: torch.cat(rows) if rows else torch.empty(0, d, len(neurons[l])) for l, rows in J.items()}
+        return torch.cat(logits), torch.cat(margins), J, torch.cat(constrained)
 
     @staticmethod
     def _logits(session, problem) -> torch.Tensor:
