@@ -4,7 +4,7 @@ bypass a layer's MLP for FFN-skip attribution."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -19,7 +19,6 @@ def record_activations(arch: Arch, layers: Iterable[int], grads: bool = False) -
     embeddings are made to require grad so that every activation is part of the graph.
     """
     acts: dict[int, torch.Tensor] = {}
-    handles = []
 
     def reader(layer):
         def hook(module, inputs):
@@ -29,15 +28,12 @@ def record_activations(arch: Arch, layers: Iterable[int], grads: bool = False) -
             acts[layer] = a
         return hook
 
-    for layer in layers:
-        handles.append(arch.out_proj(layer).register_forward_pre_hook(reader(layer)))
-    if grads:
-        handles.append(graph_from_the_embeddings(arch.model))
-    try:
+    with ExitStack() as hooks:   # a hook handle is a context manager: leaving removes it
+        for layer in layers:
+            hooks.enter_context(arch.out_proj(layer).register_forward_pre_hook(reader(layer)))
+        if grads:
+            hooks.enter_context(graph_from_the_embeddings(arch.model))
         yield acts
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
@@ -52,13 +48,11 @@ def record_projections(arch: Arch, layers: Iterable[int]) -> Iterator[dict[int, 
             io[layer] = (inputs[0].detach(), output)
         return hook
 
-    handles = [arch.out_proj(l).register_forward_hook(reader(l)) for l in layers]
-    handles.append(graph_from_the_embeddings(arch.model))
-    try:
+    with ExitStack() as hooks:
+        for layer in layers:
+            hooks.enter_context(arch.out_proj(layer).register_forward_hook(reader(layer)))
+        hooks.enter_context(graph_from_the_embeddings(arch.model))
         yield io
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def graph_from_the_embeddings(model):

@@ -105,7 +105,7 @@ def test_margin_jacobian_is_each_margins_weight_gradient_at_the_patchable_column
     problem = _Problem(inputs, spans, torch.randint(0, 100, (5,), generator=g))
     wanted = torch.full((5,), float("inf"))        # every position constrained
     session = SimpleNamespace(arch=arch, lm=tiny_lm)
-    _, margins, J, constrained = StarMethod._margin_jacobian(None, session, problem, layers, neurons, wanted)
+    _, margins, J, constrained = StarMethod._margin_jacobian(session, problem, layers, neurons, wanted)
     assert constrained.tolist() == [0, 1, 2, 3, 4] and all(J[l].shape == (5, arch.d_model, 5) for l in layers)
 
     params = [arch.weight(l) for l in layers]

@@ -330,7 +330,8 @@ class StarMethod(RepairMethod):
         self._set(session.arch, layers, neurons, saved, patch)
         return None
 
-    def _margin_jacobian(self, session, problem, layers, neurons, wanted):
+    @staticmethod
+    def _margin_jacobian(session, problem, layers, neurons, wanted):
         """The logits and soft margins at every predicting position, and for the positions within `_BAND` of
         their wanted margin (or under it) the gradient of each soft margin with respect to the patchable
         columns: {layer: (n, d, k)}. By the chain rule through y = W z, that gradient is sum_t g_t z_t[cols]^T
@@ -338,10 +339,10 @@ class StarMethod(RepairMethod):
         (through that sequence only) gives every position's g, and the full (d, d_ff) weight gradient is
         never formed."""
         logits, margins, constrained, J = [], [], [], {l: [] for l in layers}
+        sizes = [len(range(ids.shape[1])[span]) for ids, span in zip(problem.inputs, problem.spans)]
         start = 0
         with torch.enable_grad(), record_projections(session.arch, layers) as io:
-            for ids, span, target in zip(problem.inputs, problem.spans, problem.target.split(
-                    [len(range(ids.shape[1])[span]) for ids, span in zip(problem.inputs, problem.spans)])):
+            for ids, span, target in zip(problem.inputs, problem.spans, problem.target.split(sizes)):
                 seq_logits = _span_logits(session.lm.model, ids, span)
                 seq_margins = _soft_margins(seq_logits, target)
                 rows = (seq_margins.detach() < wanted[start : start + len(target)] + _BAND).nonzero().flatten()
