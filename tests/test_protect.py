@@ -149,15 +149,15 @@ def test_least_change_keeps_only_steps_that_shrink_the_shortfall_or_keep_the_fix
     undo(tiny_llama, result)
 
 
-def test_least_change_keeps_an_earlier_fix_given_as_keep_rows(tiny_llama, small_stat, monkeypatch):
+def test_an_earlier_fix_the_first_solve_moves_joins_as_keep_rows_and_is_kept(tiny_llama, small_stat, monkeypatch):
     from star_engine.capture import encode_case
     from star_engine.generate import writes_fix
     from star_engine.methods.star import method as star_method
 
     seen, original = [], star_method.StarMethod._margin_targets
 
-    def recording(self, problem, logits):
-        wanted, floor = original(self, problem, logits)
+    def recording(self, problem, start):
+        wanted, floor = original(self, problem, start)
         seen.append((problem.kept.clone(), floor.clone()))
         return wanted, floor
 
@@ -167,12 +167,28 @@ def test_least_change_keeps_an_earlier_fix_given_as_keep_rows(tiny_llama, small_
     later = RepairCase("import os\nprint(", "os.getcwd())")
     second = repair(tiny_llama, [later], "star", TINY_LEAST | {"keep_rows": "64"}, protect=[PLANTED], guard=None)
     assert second.fixed, second.reason
-    kept, floor = seen[0]
+    assert not bool(seen[0][0].any())          # the first solve sees the new targets only
+    kept, floor = seen[-1]                     # this case's first solve moves the earlier fix: it joined
     assert int(kept.sum()) == len(encode_case(tiny_llama, PLANTED).target_ids)
     assert bool((floor[kept] == star_method._LEAST_LEAD).all())   # an earlier fix must only stay the argmax
     assert writes_fix(tiny_llama, encode_case(tiny_llama, PLANTED))[0]
     undo(tiny_llama, second)
     undo(tiny_llama, first)
+
+
+def test_an_earlier_fix_joins_only_when_moved_past_its_allowance():
+    from star_engine.methods.star import method as star_method
+
+    target = torch.tensor([0, 0])
+    before = torch.tensor([[3.0, 1.0, 0.0], [2.0, 1.0, 0.0]])
+    earlier = star_method._Earlier(star_method._Problem([], [], target),
+                                   star_method._Start(star_method._margins(before, target),
+                                                      star_method._soft_margins(before, target)))
+    moved = lambda after: earlier.moved(after, margin=0.5)
+    assert not moved(before)
+    assert not moved(before - torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.0, 0.0]]))   # within its allowance
+    assert moved(before - torch.tensor([[0.0, 0.0, 0.0], [0.9, 0.0, 0.0]]))        # the soft margin fell too far
+    assert moved(torch.tensor([[1.0, 1.0, 0.0], [2.0, 1.0, 0.0]]))                 # a tie is lost
 
 
 def test_earlier_fixes_in_the_statistic_are_moved_less():

@@ -79,16 +79,20 @@ def cmd_bench(args) -> int:
     independent, sequential = not args.sequential_only, args.sequential or args.sequential_only
     per_row = len(data.cases) * (independent + sequential)
     with tqdm(total=per_row * len(rows), desc="repairing", unit="repair", file=sys.stderr) as bar:
+        def tick(status: str) -> None:
+            bar.set_postfix_str(status, refresh=False)
+            bar.update()
+
         for v in rows:
             bar.set_description(v.label)
             patches: list = []
             results[v.label] = {}
             if independent:
-                results[v.label] = run_independent(lm, data, v, lambda: bar.update(), guard=guard, patches=patches)
+                results[v.label] = run_independent(lm, data, v, tick, guard=guard, patches=patches)
             if independent and args.compose:
                 results[v.label]["compose"] = run_compose(lm, data, patches)
             if sequential:
-                results[v.label]["sequential"] = run_sequential(lm, data, v, lambda: bar.update(), guard=guard)
+                results[v.label]["sequential"] = run_sequential(lm, data, v, tick, guard=guard)
     meta = {
         "command": "star bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "star bench",
         "data": str(args.data), "kind": kind, "template": bench_data.TEMPLATES[kind],

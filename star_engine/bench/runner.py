@@ -106,7 +106,7 @@ def _outcome(lm: LoadedModel, data: BenchData, bc, result, alt_before, ctl_befor
                        locality.unchanged if locality else None, locality.mean_dnll if locality else None, size)
 
 
-def run_independent(lm: LoadedModel, data: BenchData, variant: Variant, tick: Callable[[], None] = lambda: None,
+def run_independent(lm: LoadedModel, data: BenchData, variant: Variant, tick: Callable[[str], None] = lambda status: None,
                     guard: GuardConfig | None = GuardConfig(), patches: list | None = None) -> dict:
     """Every case repaired from the original weights. `patches`, if given, receives each case's kept
     patch (None when not fixed), for the compose measure."""
@@ -121,7 +121,7 @@ def run_independent(lm: LoadedModel, data: BenchData, variant: Variant, tick: Ca
             patches.append(result.patch if result.fixed else None)
         if result.fixed:
             undo(lm, result)
-        tick()
+        tick(f"fixed {sum(o.fixed for o in outcomes)} of {len(outcomes)}")
     summary = summarise(outcomes)
     summary["method"] = variant.method
     summary["config"] = asdict(get_method(variant.method, variant.overrides).config)
@@ -139,7 +139,7 @@ def _writes(lm: LoadedModel, bc) -> bool:
     return writes_fix(lm, encode_case(lm, bc.case))[0]
 
 
-def run_sequential(lm: LoadedModel, data: BenchData, variant: Variant, tick: Callable[[], None] = lambda: None,
+def run_sequential(lm: LoadedModel, data: BenchData, variant: Variant, tick: Callable[[str], None] = lambda status: None,
                    guard: GuardConfig | None = GuardConfig(), keep_in: Path | None = None) -> dict:
     """All cases one after another through a real PatchStack, as the server does: each repair protects the
     stack's cases, a fixed one is added under the stack's regression policy (kept or refused). Then: how
@@ -161,7 +161,7 @@ def run_sequential(lm: LoadedModel, data: BenchData, variant: Variant, tick: Cal
                     result = repair(lm, [bc.case], variant.method, variant.overrides, protect=stack.cases(), guard=guard)
                 except RepairInputError:     # an earlier patch already taught it this fix
                     already += 1
-                    tick()
+                    tick(f"{already} already written")
                     continue
                 seconds += result.seconds
                 if not result.fixed:
@@ -170,7 +170,7 @@ def run_sequential(lm: LoadedModel, data: BenchData, variant: Variant, tick: Cal
                     kept.append(i)
                 else:
                     refused += 1
-                tick()
+                tick(f"kept {len(kept)}, refused {refused}, not fixed {unfixed}; last repair {result.seconds:.0f} s")
             held_at_end = [i for i in kept if _writes(lm, data.cases[i])]
             final = compare(base, behaviour(lm, held))
             sizes = [p.size_bytes for p in stack.list()]

@@ -84,11 +84,12 @@ class StarConfig:
     )
     keep_rows: int = field(
         default=256,
-        metadata={"help": "batch mode: target tokens of the most recent earlier fixes that join the problem as keep "
-                          "rows; older ones are protected only through the statistic (keep_weight). least_change "
-                          "holds each one the argmax, its soft margin dropping by at most 0.25 or half its lead; "
-                          "the other step rules hold it at zero change. 8 CoNaLa fixes in a row: 5 kept, none "
-                          "refused (0: 4 kept, 2 refused for breaking an earlier fix), at up to 6x the time"},
+        metadata={"help": "batch mode: most target tokens of earlier fixes that may join the problem as keep rows. "
+                          "They join as an active set: after a solve, every earlier fix it moved past its allowance "
+                          "joins and the solve goes on (up to 3 times), so a repair pays only for the fixes it "
+                          "touches; the others are protected through the statistic (keep_weight). least_change "
+                          "holds a keep row the argmax, its soft margin dropping by at most 0.25 or half its lead; "
+                          "the other step rules hold it at zero change. 0: earlier fixes never join"},
     )
     give_up: bool = field(
         default=True,

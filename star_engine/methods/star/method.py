@@ -38,6 +38,19 @@ class _Problem:
             self.kept = torch.zeros(len(self.target), dtype=torch.bool)
 
 
+def _problem_of(encoded, kept: bool) -> _Problem:
+    """The predicting positions of every target token of `encoded`, all new targets or all keep rows."""
+    target = torch.cat([torch.tensor(enc.target_ids) for enc in encoded])
+    return _Problem([torch.tensor([list(enc.ids)]) for enc in encoded],
+                    [slice(len(enc.prompt_ids) - 1, len(enc.ids) - 1) for enc in encoded],
+                    target, torch.full((len(target),), kept))
+
+
+def _joined(problem: _Problem, keep: _Problem) -> _Problem:
+    return _Problem(problem.inputs + keep.inputs, problem.spans + keep.spans,
+                    torch.cat([problem.target, keep.target]), torch.cat([problem.kept, keep.kept]))
+
+
 _SCALES = [2.0**k for k in range(-4, 9)]   # minimal: the scales tried, in units of lr
 
 
@@ -81,6 +94,42 @@ def _shortfall(margins: torch.Tensor, wanted: float | torch.Tensor) -> float:
     return float((wanted - margins).clamp_min(0).sum())
 
 
+@dataclass
+class _Start:
+    """Hard and soft margins at every position of a problem before the repair."""
+    lead: torch.Tensor
+    soft: torch.Tensor
+
+    def joined(self, other: "_Start") -> "_Start":
+        return _Start(torch.cat([self.lead, other.lead]), torch.cat([self.soft, other.soft]))
+
+
+def _keep_targets(lead: torch.Tensor, soft: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """An earlier fix's allowance, from its hard `lead` and `soft` margins before the repair: it must stay the
+    argmax, and its soft margin may drop by at most `_KEEP_SLACK` or half its lead (so that a hundred
+    repairs, each taking at most half of what is left, never take it all). One already lost (no lead) is
+    neither fixed nor held. Returns (the soft margin to hold, the hard margin that counts as held)."""
+    slack = (lead / 2).clamp(max=_KEEP_SLACK)
+    wanted = torch.where(lead > 0, soft.clamp(max=margin) - slack, float("-inf"))
+    floor = torch.where(lead > 0, _LEAST_LEAD, float("-inf"))   # a tie is lost, as in _fix_margin
+    return wanted, floor
+
+
+@dataclass(eq=False)
+class _Earlier:
+    """One earlier fix a repair must leave in place: its positions as keep rows, its margins before."""
+    problem: _Problem
+    before: _Start
+
+    def moved(self, logits: torch.Tensor, margin: float) -> bool:
+        """Do these logits at its positions move it past its allowance?"""
+        wanted, floor = _keep_targets(self.before.lead, self.before.soft, margin)
+        return bool((_soft_margins(logits, self.problem.target) < wanted).any()
+                    or (_margins(logits, self.problem.target) < floor).any())
+
+
+_KEEP_ROUNDS = 3   # solves resumed with newly moved earlier fixes joined, at most
+
 _BAND = 0.25       # least_change: positions this close above the margin are held at it too
 _KEEP_SLACK = 0.25  # least_change: how far an earlier fix's soft margin may drop (at most half its lead)
 _OVERSHOOT = 0.05  # least_change: aim this far past the margin (the margins are not linear)
@@ -112,22 +161,9 @@ class StarMethod(RepairMethod):
                                   protect="covariance" if cfg.protect == "none" else cfg.protect))
 
     def _batch_problem(self, session: RepairSession) -> _Problem:
-        """Every target token of every case; and, as keep rows (right now, so zero steer: the step may not
-        move them), the target tokens of the most recent earlier fixes, up to `keep_rows` tokens."""
-        encoded = list(session.cases)
-        budget = self.config.keep_rows if self.config.keep_weight > 0 else 0
-        for enc in reversed(session.protect):
-            if len(enc.target_ids) > budget:
-                break
-            encoded.append(enc)
-            budget -= len(enc.target_ids)
-        new = len(session.cases)
-        return _Problem(
-            [torch.tensor([list(enc.ids)]) for enc in encoded],
-            [slice(len(enc.prompt_ids) - 1, len(enc.ids) - 1) for enc in encoded],
-            torch.cat([torch.tensor(enc.target_ids) for enc in encoded]),
-            torch.cat([torch.full((len(enc.target_ids),), i >= new) for i, enc in enumerate(encoded)]),
-        )
+        """Every target token of every case. Earlier fixes join later, as keep rows, only where a solve
+        would move them (`_solve`)."""
+        return _problem_of(session.cases, kept=False)
 
     # -- one optimisation ---------------------------------------------------------------------------
 
@@ -143,13 +179,21 @@ class StarMethod(RepairMethod):
                      {l: torch.cat(r) for l, r in rows.items()}, _fix_margin(logits.detach(), problem))
 
     def _solve(self, session: RepairSession, problem: _Problem) -> bool:
-        """Steps on one problem until every target is the argmax (True) or the budget is spent (False)."""
+        """Steps on one problem until every target is the argmax (True) or the budget is spent (False).
+
+        Earlier fixes are an active set: the first solve sees only the new targets (the statistic already
+        protects the earlier fixes' activations); every earlier fix the result moves past its allowance
+        (`_keep_targets`) then joins as keep rows and the solve goes on from where it stopped, up to
+        `_KEEP_ROUNDS` times. A repair pays only for the few earlier fixes it actually touches, not for
+        the whole stack at every step."""
         cfg, arch = self.config, session.arch
         layers = self._layers(session, problem)
         with torch.no_grad():
             first = self._forward(session, problem, layers)
         if torch.equal(first.predicted, problem.target):
             return True
+        with torch.no_grad():
+            earlier = self._earlier_fixes(session) if cfg.mode == "batch" else []
         steered = first.predicted != problem.target
         if cfg.mode == "batch":   # token mode's walk counts its failing tokens itself
             session.failures_seen += int(steered.sum())
@@ -158,11 +202,55 @@ class StarMethod(RepairMethod):
         neurons = self._neurons(session, problem, layers, first, steered)
         layers = sorted(neurons)
         metrics = self._metrics(session, neurons)
+        origin = {l: arch.columns(l)[:, neurons[l]].clone() for l in layers}
+        start = _Start(_margins(first.logits, problem.target), _soft_margins(first.logits, problem.target))
+        budget = cfg.keep_rows
+        for round_ in range(_KEEP_ROUNDS + 1):
+            fixed = self._optimise(session, problem, layers, neurons, metrics, S, steered, start, origin)
+            joining = self._moved(session, earlier, budget) if round_ < _KEEP_ROUNDS else []
+            if not joining:
+                return fixed
+            budget -= sum(len(e.problem.target) for e in joining)
+            earlier = [e for e in earlier if e not in joining]
+            for e in joining:
+                n = len(e.problem.target)
+                problem, start = _joined(problem, e.problem), start.joined(e.before)
+                S, steered = torch.cat([S, torch.zeros(n, arch.d_model)]), torch.cat([steered, torch.zeros(n, dtype=torch.bool)])
+        return fixed
+
+    @torch.no_grad()
+    def _moved(self, session: RepairSession, earlier: list["_Earlier"], budget: int) -> list["_Earlier"]:
+        """The earlier fixes the patch so far moves past their allowance, in stack order, within `budget`
+        target tokens."""
+        out = []
+        for e in earlier:
+            session.check_cancel()
+            if len(e.problem.target) <= budget and e.moved(self._logits(session, e.problem), self.config.margin):
+                out.append(e)
+                budget -= len(e.problem.target)
+        return out
+
+    def _optimise(self, session, problem, layers, neurons, metrics, S, steered, start, origin) -> bool:
+        """One run of the configured step rule on `problem`, from the columns as they are."""
+        cfg = self.config
         if cfg.step_rule == "least_change":   # stalled: natural minimal steps from the patch it reached
-            return self._least_change(session, problem, layers, neurons, metrics, first.logits) or \
+            return self._least_change(session, problem, layers, neurons, metrics, start, origin) or \
                 StarMethod(replace(cfg, step_rule="minimal", direction="natural", lr=1.0))._steps(
                     session, problem, layers, neurons, metrics, S, steered)
         return self._steps(session, problem, layers, neurons, metrics, S, steered)
+
+    def _earlier_fixes(self, session: RepairSession) -> list["_Earlier"]:
+        """Every earlier fix with its margins before this repair (none when earlier fixes are not protected)."""
+        if self.config.keep_weight <= 0 or self.config.keep_rows <= 0:
+            return []
+        out = []
+        for enc in session.protect:
+            session.check_cancel()
+            problem = _problem_of([enc], kept=True)
+            logits = _span_logits(session.lm.model, problem.inputs[0], problem.spans[0])
+            out.append(_Earlier(problem, _Start(_margins(logits, problem.target),
+                                                _soft_margins(logits, problem.target))))
+        return out
 
     def _steps(self, session, problem, layers, neurons, metrics, S, steered) -> bool:
         """Up to `steps` steps by the configured direction and step rule, from the columns as they are."""
@@ -263,18 +351,19 @@ class StarMethod(RepairMethod):
             arch.columns(l)[:, neurons[l]] = saved[l]
         return None
 
-    def _least_change(self, session, problem, layers, neurons, metrics, start_logits) -> bool:
+    def _least_change(self, session, problem, layers, neurons, metrics, start: "_Start", origin) -> bool:
         """Gauss-Newton on the soft margins (smooth, and never above the hard ones). Each step re-solves the
         whole patch as the least change on normal code that gives every target near or under the margin the
         margin, to first order (so a step also drops what earlier steps no longer need), and moves towards it
         (halved up to `backtracks` times until the total soft shortfall shrinks). When no such move helps,
         the step adds that least change to the patch instead (plain Gauss-Newton, which always makes progress
         near a solution). Fixed means every target the argmax by the margin; then up to `polish` more
-        re-solves, each kept only while the fix holds."""
+        re-solves, each kept only while the fix holds. The patch is measured from `origin`, the columns
+        before the repair (the columns as they are may already hold an earlier round's patch)."""
         cfg = self.config
-        saved = {l: session.arch.columns(l)[:, neurons[l]].clone() for l in layers}
-        patch = {l: torch.zeros_like(saved[l]) for l in layers}
-        wanted, floor = self._margin_targets(problem, start_logits)
+        saved = origin
+        patch = {l: session.arch.columns(l)[:, neurons[l]] - saved[l] for l in layers}
+        wanted, floor = self._margin_targets(problem, start)
         fixed = lambda logits: bool((_margins(logits, problem.target) >= floor).all())
         polished = 0
         for step in range(cfg.steps + cfg.polish):
@@ -301,19 +390,13 @@ class StarMethod(RepairMethod):
         with torch.no_grad():
             return fixed(self._logits(session, problem))
 
-    def _margin_targets(self, problem: _Problem, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per position, the soft margin to reach or hold and the hard margin that counts as fixed. A new
-        target: `margin`, both. An earlier fix (keep row): it must stay the argmax, and its soft margin
-        may drop by at most `_KEEP_SLACK` or half its lead (so it only becomes a constraint once it moves);
-        one already lost (no lead) is neither fixed nor held."""
+    def _margin_targets(self, problem: _Problem, start: "_Start") -> tuple[torch.Tensor, torch.Tensor]:
+        """Per position, the soft margin to reach or hold and the hard margin that counts as fixed: for a
+        new target `margin`, both; for an earlier fix (keep row), its allowance (`_keep_targets`)."""
         wanted = torch.full((len(problem.target),), self.config.margin)
         floor = wanted.clone()
         k = problem.kept
-        lead = _margins(logits, problem.target)[k]
-        slack = (lead / 2).clamp(max=_KEEP_SLACK)
-        soft = _soft_margins(logits, problem.target)[k]
-        wanted[k] = torch.where(lead > 0, soft.clamp(max=self.config.margin) - slack, float("-inf"))
-        floor[k] = torch.where(lead > 0, _LEAST_LEAD, float("-inf"))   # a tie is lost, as in _fix_margin
+        wanted[k], floor[k] = _keep_targets(start.lead[k], start.soft[k], self.config.margin)
         return wanted, floor
 
     def _try_towards(self, session, problem, layers, neurons, saved, patch, wanted, accept):
