@@ -46,6 +46,21 @@ def teacher_forced_argmax(lm: LoadedModel, enc: EncodedCase) -> list[int]:
     return logits[start : start + len(enc.target_ids)].argmax(-1).tolist()
 
 
+def target_leads(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N,) at each position the target's logit minus the best other one: above 0 where the target is the argmax."""
+    right = logits.gather(1, target[:, None]).squeeze(1)
+    others = logits.scatter(1, target[:, None], float("-inf")).max(-1).values
+    return right - others
+
+
+@torch.no_grad()
+def teacher_forced_leads(lm: LoadedModel, enc: EncodedCase) -> torch.Tensor:
+    """`target_leads` at every target position, given the reference prefix."""
+    logits = lm.model(input_ids=torch.tensor([enc.ids])).logits[0]
+    start = len(enc.prompt_ids) - 1
+    return target_leads(logits[start : start + len(enc.target_ids)], torch.tensor(enc.target_ids))
+
+
 def token_exact_match(predicted: Sequence[int], target: Sequence[int]) -> float:
     """The share of target tokens that are the model's prediction at their position."""
     return sum(p == t for p, t in zip(predicted, target)) / len(target)

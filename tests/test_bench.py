@@ -103,6 +103,9 @@ def test_bench_on_a_tiny_model_writes_every_output(monkeypatch, tiny_llama, reco
     assert res["star"]["fix_rate"] == 1.0
     assert 0 <= res["star"]["locality_worst"] <= res["star"]["locality"] <= 1
     assert res["star"]["adapter_bytes_median"] > 0 and res["star"]["compose"]["pairs"] == 1
+    compose = res["star"]["compose"]
+    assert (compose["both_hold"] == 1) == (compose["fixes_broken"] == 0)
+    assert isinstance(compose["lead_drop_median"], float)
     assert set(res["meta"]["time_ratios"]) == {"star/mint", "star/sgd", "star/lora"}
     assert set(res["meta"]["method_time_ratios"]) == {"star/mint", "star/sgd", "star/lora"}
     for m in ("star", "mint", "sgd", "lora"):

@@ -142,8 +142,8 @@ def test_least_change_keeps_only_steps_that_shrink_the_shortfall_or_keep_the_fix
     for before, after, refused, target in trials:
         if refused:
             torch.testing.assert_close(after, before)     # the columns back where they were
-        elif float(star_method._margins(before, target).min()) >= margin:
-            assert float(star_method._margins(after, target).min()) >= margin
+        elif float(star_method.target_leads(before, target).min()) >= margin:
+            assert float(star_method.target_leads(after, target).min()) >= margin
         else:
             assert shortfall(after, target) < shortfall(before, target)
     undo(tiny_llama, result)
@@ -182,7 +182,7 @@ def test_an_earlier_fix_joins_only_when_moved_past_its_allowance():
     target = torch.tensor([0, 0])
     before = torch.tensor([[3.0, 1.0, 0.0], [2.0, 1.0, 0.0]])
     earlier = star_method._Earlier(star_method._Problem([], [], target),
-                                   star_method._Start(star_method._margins(before, target),
+                                   star_method._Start(star_method.target_leads(before, target),
                                                       star_method._soft_margins(before, target)))
     moved = lambda after: earlier.moved(after, margin=0.5)
     assert not moved(before)

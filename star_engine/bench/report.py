@@ -73,7 +73,10 @@ def _kib(n) -> str:
 
 
 def _compose(c: dict | None) -> str:
-    return f"{100 * c['both_hold']:.0f} % of {c['pairs']}" if c and c.get("pairs") else "–"
+    if not c or not c.get("pairs"):
+        return "–"
+    return (f"{100 * c['both_hold']:.0f} % of {c['pairs']} ({c['fixes_broken']} fixes broken; "
+            f"median lead drop {c['lead_drop_median']:.2f})")
 
 
 def locality_table(results: dict) -> str:

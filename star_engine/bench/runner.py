@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..adapters import PatchStack
 from ..adapters.format import WEIGHTS_NAME, encode_result
-from ..capture import encode_case
+from ..capture import encode_case, teacher_forced_leads
 from ..case import RepairInputError
 from ..generate import writes_fix
 from ..guard import GuardConfig
@@ -209,14 +209,30 @@ def _stack_folder(keep_in: Path | None) -> Iterator[Path]:
 
 def run_compose(lm: LoadedModel, data: BenchData, patches: list, max_pairs: int = 20) -> dict:
     """Pairs of patches made independently on the base model (consecutive kept ones), applied together:
-    the share of pairs where greedy decoding still writes both fixes."""
+    the share of pairs where greedy decoding still writes both fixes; how many of the fixes break; and, per
+    fix, how much the other patch takes from its least teacher-forced lead (median, in logits: what headroom
+    a fix would need to survive its neighbour)."""
     fixed = [i for i, p in enumerate(patches) if p is not None]
     pairs = list(zip(fixed[0::2], fixed[1::2]))[:max_pairs]
-    both = 0
+    both, broken, drops = 0, 0, []
     for a, b in pairs:
+        alone = {}
+        for i in (a, b):
+            saved = apply_patch(lm.arch, patches[i])
+            alone[i] = _least_lead(lm, data.cases[i])
+            restore_columns(lm.arch, saved)
         saved_a = apply_patch(lm.arch, patches[a])
         saved_b = apply_patch(lm.arch, patches[b])
-        both += _writes(lm, data.cases[a]) and _writes(lm, data.cases[b])
+        holds = [_writes(lm, data.cases[i]) for i in (a, b)]
+        drops += [alone[i] - _least_lead(lm, data.cases[i]) for i in (a, b)]
         restore_columns(lm.arch, saved_b)
         restore_columns(lm.arch, saved_a)
-    return {"pairs": len(pairs), "both_hold": both / len(pairs) if pairs else None}
+        both += all(holds)
+        broken += holds.count(False)
+    drops.sort()
+    return {"pairs": len(pairs), "both_hold": both / len(pairs) if pairs else None, "fixes_broken": broken,
+            "lead_drop_median": drops[len(drops) // 2] if drops else None}
+
+
+def _least_lead(lm: LoadedModel, bc) -> float:
+    return float(teacher_forced_leads(lm, encode_case(lm, bc.case)).min())

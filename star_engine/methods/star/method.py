@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ...capture import target_leads
 from ...hooks import record_activations, record_projections
 from ...locate import (contrast_neurons, ffn_skip_losses, fisher_neurons, greedy_neurons, neuron_masks, neuron_scores,
                        top_layers)
@@ -63,13 +64,6 @@ class _Pass:
     margin: float                          # min over the new targets of target logit - best other logit
 
 
-def _margins(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(N,) target logit minus the best other logit, at every predicting position."""
-    right = logits.gather(1, target[:, None]).squeeze(1)
-    others = logits.scatter(1, target[:, None], float("-inf")).max(-1).values
-    return right - others
-
-
 def _span_logits(model, ids: torch.Tensor, span: slice) -> torch.Tensor:
     """(len(span), vocab) logits at the predicting positions only: the output head, forward and backward, is a
     large share of a pass over a short sequence, and the prompt's positions need none of it."""
@@ -78,7 +72,7 @@ def _span_logits(model, ids: torch.Tensor, span: slice) -> torch.Tensor:
 
 def _fix_margin(logits: torch.Tensor, problem: _Problem) -> float:
     """The least lead of a new target; -inf when an earlier fix (keep row) is no longer the argmax."""
-    margins = _margins(logits, problem.target)
+    margins = target_leads(logits, problem.target)
     if bool((margins[problem.kept] <= 0).any()):
         return float("-inf")
     return float(margins[~problem.kept].min())
@@ -125,7 +119,7 @@ class _Earlier:
         """Do these logits at its positions move it past its allowance?"""
         wanted, floor = _keep_targets(self.before.lead, self.before.soft, margin)
         return bool((_soft_margins(logits, self.problem.target) < wanted).any()
-                    or (_margins(logits, self.problem.target) < floor).any())
+                    or (target_leads(logits, self.problem.target) < floor).any())
 
 
 _KEEP_ROUNDS = 3   # solves resumed with newly moved earlier fixes joined, at most
@@ -203,7 +197,7 @@ class StarMethod(RepairMethod):
         layers = sorted(neurons)
         metrics = self._metrics(session, neurons)
         origin = {l: arch.columns(l)[:, neurons[l]].clone() for l in layers}
-        start = _Start(_margins(first.logits, problem.target), _soft_margins(first.logits, problem.target))
+        start = _Start(target_leads(first.logits, problem.target), _soft_margins(first.logits, problem.target))
         budget = cfg.keep_rows
         for round_ in range(_KEEP_ROUNDS + 1):
             fixed = self._optimise(session, problem, layers, neurons, metrics, S, steered, start, origin)
@@ -248,7 +242,7 @@ class StarMethod(RepairMethod):
             session.check_cancel()
             problem = _problem_of([enc], kept=True)
             logits = _span_logits(session.lm.model, problem.inputs[0], problem.spans[0])
-            out.append(_Earlier(problem, _Start(_margins(logits, problem.target),
+            out.append(_Earlier(problem, _Start(target_leads(logits, problem.target),
                                                 _soft_margins(logits, problem.target))))
         return out
 
@@ -364,7 +358,7 @@ class StarMethod(RepairMethod):
         saved = origin
         patch = {l: session.arch.columns(l)[:, neurons[l]] - saved[l] for l in layers}
         wanted, floor = self._margin_targets(problem, start)
-        fixed = lambda logits: bool((_margins(logits, problem.target) >= floor).all())
+        fixed = lambda logits: bool((target_leads(logits, problem.target) >= floor).all())
         polished = 0
         for step in range(cfg.steps + cfg.polish):
             session.check_cancel()
