@@ -15,7 +15,7 @@ from .capture import encode_case, teacher_forced_argmax, token_exact_match
 from .case import EncodedCase, RepairCase, RepairInputError
 from .generate import writes_fix
 from .guard import GuardConfig
-from .locality import Locality, behaviour, compare, guard_windows
+from .locality import Locality, behaviour_now, compare, guard_windows
 from .methods import get_method
 from .model import LoadedModel
 from .patch import Patch, SavedColumns, WeightSnapshot, restore_columns
@@ -135,7 +135,7 @@ def repair(
     kept = _encode_protected(lm, protect or [])
     before = [(text, teacher_forced_argmax(lm, e)) for e, text in zip(encoded, texts)]
     held = guard_windows(lm, guard) if guard else []
-    held_before = behaviour(lm, held) if guard else None
+    held_before = behaviour_now(lm, held) if guard else None
     snapshot = WeightSnapshot(lm.arch)
     attempts, method_seconds, locality, over_budget = 0, 0.0, None, None
     while True:
@@ -154,7 +154,7 @@ def repair(
         fixed = all(r.fixed for r in reports)
         over_budget = None
         if fixed and guard:
-            locality = compare(held_before, behaviour(lm, held))
+            locality = compare(held_before, behaviour_now(lm, held))
             if locality.moved > guard.budget:
                 over_budget = locality
         if over_budget is None:
