@@ -22,10 +22,10 @@ from star_engine.capture import encode
 from star_engine.generate import complete
 from star_engine.patch import WeightSnapshot
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]   # the sequence of repairs took 24 min on one thread
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]   # the sequence of repairs: about 1 min each on one thread
 
 CONALA_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "conala" / "dev.jsonl"
-N_FIXES = 8
+N_FIXES = 20
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,7 @@ def test_fixes_in_a_row_are_kept_and_all_still_hold(sequence):
     print(f"\n{len(kept)}/{sequence['n']} kept, refused {sequence['refused']}, not fixed {sequence['unfixed']}")
     assert sequence["n"] == N_FIXES
     assert len(kept) + len(sequence["refused"]) + len(sequence["unfixed"]) == N_FIXES
-    assert len(kept) >= 5          # measured 7/8, none refused, 1 over the guard (target 95 %); the guard's
-                                   # retries stop after 120 s, so a slower machine may keep fewer
+    assert len(kept) >= N_FIXES - 1    # issue 11's target: 95 % kept
     for case, _, _ in kept:
         assert complete(lm, case.prompt, max_new_tokens=48) == case.fix.split("\n")[0]
 

@@ -40,6 +40,9 @@ _PAPER_STEP = {"protect": "none", "output_metric": "none", "direction": "seme", 
 _DENSE = {"mode": "token", "layer_ratio": "1.0", "sparsity": "none"} | _PAPER_STEP
 _LOCAL = {"mode": "batch", "layer_ratio": "1.0", "step_rule": "minimal", "steps": "10", "keep_rows": "0",
           "output_metric": "none", "neurons": "460"}
+_SHIPPED = {"mode": "batch", "layer_ratio": "1.0", "sparsity": "fisher", "neurons": "368", "protect": "covariance",
+            "output_metric": "fisher", "step_rule": "least_change", "steps": "20", "polish": "5", "keep_rows": "256",
+            "margin": "0.5"}
 ABLATION: list[tuple[str, dict]] = [
     ("star[all layers, dense, token]", _DENSE),
     ("star[top 1/4 layers]", _DENSE | {"layer_ratio": "0.25"}),
@@ -72,6 +75,10 @@ ABLATION: list[tuple[str, dict]] = [
     ("star[local: fisher 460, covariance, least change, output fisher]", _LOCAL | {"sparsity": "fisher", "neurons": "460", "protect": "covariance", "step_rule": "least_change", "steps": "20", "output_metric": "fisher"}),
     ("star[local: fisher 368, covariance, least change, output fisher]", _LOCAL | {"sparsity": "fisher", "neurons": "368", "protect": "covariance", "step_rule": "least_change", "steps": "20", "output_metric": "fisher"}),
     ("star[local: fisher 192, covariance, least change]", _LOCAL | {"sparsity": "fisher", "neurons": "192", "protect": "covariance", "step_rule": "least_change", "steps": "20"}),
+    # The shipped setting, and the headroom a fix keeps (does a larger margin let patches made apart stack?).
+    ("star[shipped: fisher 368, output fisher, least change, margin 0.5]", _SHIPPED),
+    ("star[shipped, margin 1.0]", _SHIPPED | {"margin": "1.0"}),
+    ("star[shipped, margin 2.0]", _SHIPPED | {"margin": "2.0"}),
     ("star[previous default: dense, covariance, seme]", _LOCAL | {"sparsity": "none", "protect": "covariance", "direction": "seme", "step_rule": "fixed"}),
 ]
 
