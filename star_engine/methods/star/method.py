@@ -209,7 +209,8 @@ class StarMethod(RepairMethod):
             for e in joining:
                 n = len(e.problem.target)
                 problem, start = _joined(problem, e.problem), start.joined(e.before)
-                S, steered = torch.cat([S, torch.zeros(n, arch.d_model)]), torch.cat([steered, torch.zeros(n, dtype=torch.bool)])
+                S = torch.cat([S, torch.zeros(n, arch.d_model)])        # keep rows: no steer
+                steered = torch.cat([steered, torch.zeros(n, dtype=torch.bool)])
         return fixed
 
     @torch.no_grad()
