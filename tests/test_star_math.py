@@ -90,6 +90,22 @@ def test_span_logits_are_the_full_passes_logits_at_the_predicting_positions(tiny
             torch.testing.assert_close(_span_logits(tiny_lm.model, ids, span), full)
 
 
+def test_problem_logits_batched_with_padding_are_each_sequences_own(tiny_lm, monkeypatch):
+    """One padded pass over sequences of different lengths and spans gives every sequence the logits of its own
+    pass (causal attention: the padding after a sequence changes nothing before it), in every family."""
+    from star_engine.methods.star import method as star_method
+    from star_engine.methods.star.method import _problem_logits, _span_logits
+
+    g = torch.Generator().manual_seed(2)
+    inputs = [torch.randint(0, 100, (1, n), generator=g) for n in (9, 14, 5)]
+    spans = [slice(4, 8), slice(10, 13), slice(2, 4)]
+    expected = torch.cat([_span_logits(tiny_lm.model, ids, span) for ids, span in zip(inputs, spans)]).detach()
+    torch.testing.assert_close(_problem_logits(tiny_lm.model, inputs, spans), expected, atol=1e-5, rtol=1e-5)
+    vocab = tiny_lm.model.config.get_text_config().vocab_size
+    monkeypatch.setattr(star_method, "_LOGITS_FLOATS", 12 * vocab)   # one sequence's logits per pass: three passes
+    torch.testing.assert_close(_problem_logits(tiny_lm.model, inputs, spans), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_margin_jacobian_is_each_margins_weight_gradient_at_the_patchable_columns(tiny_lm):
     """The least-change step's Jacobian (one batched backward pass per sequence, through y = W z) against the
     plain way: one backward pass per margin, the full weight gradient, its patchable columns."""

@@ -70,6 +70,34 @@ def _span_logits(model, ids: torch.Tensor, span: slice) -> torch.Tensor:
     return model(input_ids=ids, logits_to_keep=torch.arange(ids.shape[1])[span]).logits[0]
 
 
+_LOGITS_FLOATS = 32 << 20   # logits held at once by one batched pass (128 MB of float32)
+
+
+@torch.no_grad()
+def _problem_logits(model, inputs: list[torch.Tensor], spans: list[slice]) -> torch.Tensor:
+    """(N, vocab) logits at every predicting position of every sequence, in order, without gradients, from
+    few forward passes: the sequences go in batches right-padded to the longest. Causal attention keeps the
+    padding unseen by the real tokens and their positions unchanged; on a CPU one pass over a batch of short
+    sequences costs little more than a pass over one."""
+    if not inputs:
+        return torch.zeros(0, model.config.get_text_config().vocab_size)
+    length = max(ids.shape[1] for ids in inputs)
+    first = min(range(ids.shape[1])[span].start for ids, span in zip(inputs, spans))
+    kept = torch.arange(first, length)
+    per_batch = max(1, _LOGITS_FLOATS // (len(kept) * model.config.get_text_config().vocab_size))
+    out = []
+    for b in range(0, len(inputs), per_batch):
+        batch = inputs[b : b + per_batch]
+        ids = torch.zeros(len(batch), length, dtype=torch.long)
+        for row, seq in enumerate(batch):
+            ids[row, : seq.shape[1]] = seq[0]
+        logits = model(input_ids=ids, logits_to_keep=kept).logits
+        for row, (seq, span) in enumerate(zip(batch, spans[b : b + per_batch])):
+            positions = torch.arange(seq.shape[1])[span]
+            out.append(logits[row, positions - first])
+    return torch.cat(out)
+
+
 def _fix_margin(logits: torch.Tensor, problem: _Problem) -> float:
     """The least lead of a new target; -inf when an earlier fix (keep row) is no longer the argmax."""
     margins = target_leads(logits, problem.target)
@@ -217,10 +245,14 @@ class StarMethod(RepairMethod):
     def _moved(self, session: RepairSession, earlier: list["_Earlier"], budget: int) -> list["_Earlier"]:
         """The earlier fixes the patch so far moves past their allowance, in stack order, within `budget`
         target tokens."""
+        if not earlier:
+            return []
+        session.check_cancel()
+        logits = _problem_logits(session.lm.model, [e.problem.inputs[0] for e in earlier],
+                                 [e.problem.spans[0] for e in earlier])
         out = []
-        for e in earlier:
-            session.check_cancel()
-            if len(e.problem.target) <= budget and e.moved(self._logits(session, e.problem), self.config.margin):
+        for e, now in zip(earlier, logits.split([len(e.problem.target) for e in earlier])):
+            if len(e.problem.target) <= budget and e.moved(now, self.config.margin):
                 out.append(e)
                 budget -= len(e.problem.target)
         return out
@@ -238,14 +270,10 @@ class StarMethod(RepairMethod):
         """Every earlier fix with its margins before this repair (none when earlier fixes are not protected)."""
         if self.config.keep_weight <= 0 or self.config.keep_rows <= 0:
             return []
-        out = []
-        for enc in session.protect:
-            session.check_cancel()
-            problem = _problem_of([enc], kept=True)
-            logits = _span_logits(session.lm.model, problem.inputs[0], problem.spans[0])
-            out.append(_Earlier(problem, _Start(target_leads(logits, problem.target),
-                                                _soft_margins(logits, problem.target))))
-        return out
+        problems = [_problem_of([enc], kept=True) for enc in session.protect]
+        logits = _problem_logits(session.lm.model, [p.inputs[0] for p in problems], [p.spans[0] for p in problems])
+        return [_Earlier(p, _Start(target_leads(now, p.target), _soft_margins(now, p.target)))
+                for p, now in zip(problems, logits.split([len(p.target) for p in problems]))]
 
     def _steps(self, session, problem, layers, neurons, metrics, S, steered) -> bool:
         """Up to `steps` steps by the configured direction and step rule, from the columns as they are."""
@@ -440,8 +468,7 @@ class StarMethod(RepairMethod):
 
     @staticmethod
     def _logits(session, problem) -> torch.Tensor:
-        return torch.cat([_span_logits(session.lm.model, ids, span)
-                          for ids, span in zip(problem.inputs, problem.spans)])
+        return _problem_logits(session.lm.model, problem.inputs, problem.spans)
 
     @staticmethod
     @torch.no_grad()
@@ -545,7 +572,7 @@ class StarMethod(RepairMethod):
         rows = {l: [] for l in layers}
         with record_activations(session.arch, layers) as acts:
             for enc in session.protect:
-                session.lm.model(input_ids=torch.tensor([list(enc.ids)]))
+                session.lm.model(input_ids=torch.tensor([list(enc.ids)]), logits_to_keep=1)   # activations only
                 span = slice(len(enc.prompt_ids) - 1, len(enc.ids) - 1)
                 for l in layers:
                     rows[l].append(acts[l][0, span])
