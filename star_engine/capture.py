@@ -38,12 +38,16 @@ def encode_case(lm: LoadedModel, case: RepairCase) -> EncodedCase:
 
 
 @torch.no_grad()
+def _teacher_forced_logits(lm: LoadedModel, enc: EncodedCase) -> torch.Tensor:
+    """(len(target), vocab) logits at every target position, given the reference prefix."""
+    logits = lm.model(input_ids=torch.tensor([enc.ids])).logits[0]
+    start = len(enc.prompt_ids) - 1
+    return logits[start : start + len(enc.target_ids)]
+
+
 def teacher_forced_argmax(lm: LoadedModel, enc: EncodedCase) -> list[int]:
     """The model's argmax at every target position, given the reference prefix (teacher forcing)."""
-    ids = torch.tensor([enc.ids])
-    logits = lm.model(input_ids=ids).logits[0]
-    start = len(enc.prompt_ids) - 1
-    return logits[start : start + len(enc.target_ids)].argmax(-1).tolist()
+    return _teacher_forced_logits(lm, enc).argmax(-1).tolist()
 
 
 def target_leads(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -53,12 +57,9 @@ def target_leads(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return right - others
 
 
-@torch.no_grad()
 def teacher_forced_leads(lm: LoadedModel, enc: EncodedCase) -> torch.Tensor:
     """`target_leads` at every target position, given the reference prefix."""
-    logits = lm.model(input_ids=torch.tensor([enc.ids])).logits[0]
-    start = len(enc.prompt_ids) - 1
-    return target_leads(logits[start : start + len(enc.target_ids)], torch.tensor(enc.target_ids))
+    return target_leads(_teacher_forced_logits(lm, enc), torch.tensor(enc.target_ids))
 
 
 def token_exact_match(predicted: Sequence[int], target: Sequence[int]) -> float:

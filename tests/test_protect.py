@@ -181,9 +181,7 @@ def test_an_earlier_fix_joins_only_when_moved_past_its_allowance():
 
     target = torch.tensor([0, 0])
     before = torch.tensor([[3.0, 1.0, 0.0], [2.0, 1.0, 0.0]])
-    earlier = star_method._Earlier(star_method._Problem([], [], target),
-                                   star_method._Start(star_method.target_leads(before, target),
-                                                      star_method._soft_margins(before, target)))
+    earlier = star_method._Earlier(star_method._Problem([], [], target), star_method._Start.of(before, target))
     moved = lambda after: earlier.moved(after, margin=0.5)
     assert not moved(before)
     assert not moved(before - torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.0, 0.0]]))   # within its allowance

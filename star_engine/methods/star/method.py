@@ -122,6 +122,10 @@ class _Start:
     lead: torch.Tensor
     soft: torch.Tensor
 
+    @staticmethod
+    def of(logits: torch.Tensor, target: torch.Tensor) -> "_Start":
+        return _Start(target_leads(logits, target), _soft_margins(logits, target))
+
     def joined(self, other: "_Start") -> "_Start":
         return _Start(torch.cat([self.lead, other.lead]), torch.cat([self.soft, other.soft]))
 
@@ -225,7 +229,7 @@ class StarMethod(RepairMethod):
         layers = sorted(neurons)
         metrics = self._metrics(session, neurons)
         origin = {l: arch.columns(l)[:, neurons[l]].clone() for l in layers}
-        start = _Start(target_leads(first.logits, problem.target), _soft_margins(first.logits, problem.target))
+        start = _Start.of(first.logits, problem.target)
         budget = cfg.keep_rows
         for round_ in range(_KEEP_ROUNDS + 1):
             fixed = self._optimise(session, problem, layers, neurons, metrics, S, steered, start, origin)
@@ -272,7 +276,7 @@ class StarMethod(RepairMethod):
             return []
         problems = [_problem_of([enc], kept=True) for enc in session.protect]
         logits = _problem_logits(session.lm.model, [p.inputs[0] for p in problems], [p.spans[0] for p in problems])
-        return [_Earlier(p, _Start(target_leads(now, p.target), _soft_margins(now, p.target)))
+        return [_Earlier(p, _Start.of(now, p.target))
                 for p, now in zip(problems, logits.split([len(p.target) for p in problems]))]
 
     def _steps(self, session, problem, layers, neurons, metrics, S, steered) -> bool:
